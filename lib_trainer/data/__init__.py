@@ -1,0 +1,1 @@
+"""Dataset side of training: folder scan, captions, prompt templates, images, latent cache."""

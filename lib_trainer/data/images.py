@@ -1,0 +1,36 @@
+"""Image loading: any mode to RGB with EXIF orientation applied, resized to cover and centre-cropped."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+
+
+def load_rgb(path: Path) -> Image.Image:
+    """Decode the whole image (truncated files raise OSError), apply EXIF orientation, convert to RGB."""
+    with Image.open(path) as img:
+        img.load()
+        img = ImageOps.exif_transpose(img)
+        if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+            img = img.point(lambda v: v / 256).convert("L")
+        return img.convert("RGB")
+
+
+def resize_crop(img: Image.Image, width: int, height: int) -> Image.Image:
+    """Scale so the image covers ``width``x``height``, then crop the centre."""
+    scale = max(width / img.width, height / img.height)
+    size = (max(width, round(img.width * scale)), max(height, round(img.height * scale)))
+    img = img.resize(size, Image.Resampling.LANCZOS)
+    left, top = (size[0] - width) // 2, (size[1] - height) // 2
+    return img.crop((left, top, left + width, top + height))
+
+
+def to_tensor(img: Image.Image) -> torch.Tensor:
+    """RGB PIL image -> float tensor ``[3, H, W]`` in [-1, 1]."""
+    arr = np.asarray(img, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()

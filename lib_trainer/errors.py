@@ -1,0 +1,25 @@
+"""The one error family: every message says what is wrong, which value, and how to fix it."""
+
+
+class TrainerError(Exception):
+    """Base of every error the trainer reports to a user (the glue shows the message as is)."""
+
+
+class ConfigError(TrainerError):
+    """A configuration value is invalid."""
+
+
+class DatasetError(TrainerError):
+    """The dataset folder, an image or a caption cannot be used."""
+
+
+class UnsupportedModelError(TrainerError):
+    """The loaded model is of a kind this trainer cannot train (yet)."""
+
+
+class FormatError(TrainerError):
+    """A file cannot be read or written in the expected format."""
+
+
+class TrainingError(TrainerError):
+    """Training could not go on (for example the loss became NaN)."""

@@ -1,0 +1,1 @@
+"""Readers and writers for the files the WebUI and other tools load."""

@@ -1,0 +1,123 @@
+"""Textual-inversion embedding files.
+
+Written: ``.safetensors`` holding one fp32 tensor ``emb_params [n_vectors, dim]`` (kohya's key), which the
+WebUI (>= 1.1, with its safe loader on), ComfyUI and diffusers load; metadata strings carry the name,
+step, base model and our resolved config. Read for resume: that format, the WebUI's ``.pt``
+(``string_to_param`` with one entry, loaded with ``weights_only=True``) and single-tensor files.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import safetensors
+import safetensors.torch
+import torch
+
+from lib_trainer.errors import FormatError
+from lib_trainer.formats.files import write_bytes_atomic
+
+TENSOR_KEY = "emb_params"
+EMBEDDING_EXTENSIONS = (".safetensors", ".pt", ".bin")
+ARCHITECTURES = {("sd1", "eps"): "stable-diffusion-v1", ("sd2", "eps"): "stable-diffusion-v2-512",
+                 ("sd2", "v"): "stable-diffusion-v2-768-v"}
+
+
+@dataclass
+class EmbeddingFile:
+    """An embedding as read from disk."""
+
+    vectors: torch.Tensor  # fp32 CPU [n_vectors, dim]
+    step: int = 0
+    name: str | None = None
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+def embedding_metadata(
+    name: str, step: int, family: str, prediction: str, model_name: str | None, model_hash: str | None,
+    config_json: str,
+) -> dict[str, str]:
+    """Metadata strings for a saved embedding (ignored by the WebUI's loader, shown by model browsers)."""
+    meta = {
+        "name": name, "step": str(step), "trainer": "sd-webui-trainer", "trainer_config": config_json,
+        "modelspec.sai_model_spec": "1.0.1",
+        "modelspec.architecture": f"{ARCHITECTURES.get((family, prediction), 'stable-diffusion-v1')}/textual-inversion",
+        "modelspec.title": name,
+        "modelspec.prediction_type": "v" if prediction == "v" else "epsilon",
+        "modelspec.date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    if model_name:
+        meta["sd_checkpoint_name"] = model_name
+    if model_hash:
+        meta["sd_checkpoint"] = model_hash
+    return meta
+
+
+def save_embedding(path: Path, vectors: torch.Tensor, metadata: dict[str, str]) -> Path:
+    """Write ``vectors`` ``[n, dim]`` as a WebUI-loadable ``.safetensors`` embedding, atomically."""
+    if path.suffix != ".safetensors":
+        raise FormatError(f"embeddings are written as .safetensors, not {path.suffix!r} ({path})")
+    tensor = vectors.detach().to(device="cpu", dtype=torch.float32).contiguous()
+    data = safetensors.torch.save({TENSOR_KEY: tensor}, metadata={k: str(v) for k, v in metadata.items()})
+    return write_bytes_atomic(path, data)
+
+
+def read_embedding(path: Path) -> EmbeddingFile:
+    """Read a ``.safetensors`` / ``.pt`` / ``.bin`` embedding for resuming; FormatError when it is not one."""
+    path = Path(path)
+    if path.suffix.lower() not in EMBEDDING_EXTENSIONS:
+        raise FormatError(f"{path.name}: embeddings are read from {', '.join(EMBEDDING_EXTENSIONS)} files")
+    try:
+        if path.suffix.lower() == ".safetensors":
+            return _read_safetensors(path)
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, ValueError, safetensors.SafetensorError) as exc:
+        raise FormatError(f"{path.name} cannot be read as an embedding: {exc}") from exc
+    return _from_dict(path, data, step=_int(data.get("step")) if isinstance(data, dict) else 0,
+                      name=data.get("name") if isinstance(data, dict) else None, metadata={})
+
+
+def _read_safetensors(path: Path) -> EmbeddingFile:
+    with safetensors.safe_open(str(path), framework="pt", device="cpu") as fh:
+        metadata = dict(fh.metadata() or {})
+        tensors = {key: fh.get_tensor(key) for key in fh.keys()}  # noqa: SIM118 (safe_open has no __iter__)
+    params = {k.split(".", 1)[1]: v for k, v in tensors.items() if k.startswith("string_to_param.")}
+    data = {"string_to_param": params} if params else tensors
+    return _from_dict(path, data, step=_int(metadata.get("step")), name=metadata.get("name"), metadata=metadata)
+
+
+def _from_dict(path: Path, data: object, step: int, name: str | None, metadata: dict[str, str]) -> EmbeddingFile:
+    if not isinstance(data, dict):
+        raise FormatError(f"{path.name} holds a {type(data).__name__}, not an embedding dict")
+    if "clip_l" in data and "clip_g" in data:
+        raise FormatError(f"{path.name} is an SDXL embedding (clip_l/clip_g); it cannot be trained on SD1/SD2")
+    if "string_to_param" in data:
+        params = data["string_to_param"]
+        if not isinstance(params, dict) or len(params) != 1:
+            raise FormatError(f"{path.name}: string_to_param must hold exactly one tensor")
+        vec = next(iter(params.values()))
+    else:
+        tensors = [v for v in data.values() if isinstance(v, torch.Tensor)]
+        if len(tensors) != 1:
+            raise FormatError(f"{path.name} holds {len(tensors)} tensors; an embedding file holds exactly one")
+        vec = tensors[0]
+    if not isinstance(vec, torch.Tensor) or vec.dim() not in (1, 2):
+        raise FormatError(f"{path.name}: the embedding tensor must be [n_vectors, dim]")
+    vec = vec.unsqueeze(0) if vec.dim() == 1 else vec
+    return EmbeddingFile(vec.detach().float().cpu().clone(), step, name, metadata)
+
+
+def _int(value: object) -> int:
+    try:
+        return int(value) if value is not None else 0
+    except (TypeError, ValueError):
+        return 0
+
+
+def metadata_config(metadata: dict[str, str]) -> dict | None:
+    """The resolved trainer config stored in a file's metadata, if any."""
+    text = metadata.get("trainer_config")
+    return json.loads(text) if text else None

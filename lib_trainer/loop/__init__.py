@@ -1,0 +1,1 @@
+"""The training loop, its hooks, learning-rate schedules, and checkpoint sidecars."""

@@ -1,0 +1,49 @@
+"""How training talks to a UI: a hooks object with no-op defaults (progress, stop, save, preview)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Where training is: reported after every optimizer step."""
+
+    step: int
+    total_steps: int
+    loss: float
+    learning_rate: float
+    elapsed_s: float
+    eta_s: float
+    prompt: str = ""
+
+    @property
+    def steps_per_s(self) -> float:
+        """Optimizer steps per second over this run so far."""
+        return 0.0 if self.elapsed_s <= 0 else self.step / self.elapsed_s
+
+
+class TrainingHooks:
+    """Subclass and override what a host needs; the loop calls these and nothing else of the UI."""
+
+    def on_start(self, total_steps: int, start_step: int) -> None:
+        """Training begins at ``start_step`` of ``total_steps``."""
+
+    def on_progress(self, progress: Progress) -> None:
+        """Called after every optimizer step."""
+
+    def should_stop(self) -> bool:
+        """Return True to stop after the current step (the work is saved)."""
+        return False
+
+    def should_save(self) -> bool:
+        """Return True to save now (a numbered copy and the main file), then go on."""
+        return False
+
+    def on_saved(self, path: Path, step: int) -> None:
+        """A file was written."""
+
+    def on_preview(self, step: int, state: Any) -> None:
+        """Every ``preview_every`` steps: render previews with the trainable ``state`` applied."""

@@ -1,0 +1,217 @@
+"""Textual inversion: train new token vectors for a name, keep everything else frozen.
+
+The vectors are spliced into the text encoder's token embeddings wherever the name appears in a
+prompt (``TextEncoder.encode``); only they are trainable and only they live in the optimizer.
+Files: ``<embeddings_dir>/<name>.safetensors`` (+ ``.optim`` resume sidecar), numbered copies and the
+loss log in ``<log_dir>/<name>/``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from lib_trainer.config import CONFIG_VERSION, DataConfig, TrainConfig, build_versioned, check_range, to_json
+from lib_trainer.data.dataset import LatentCache, PromptMaker, TrainingBatches, load_training_set
+from lib_trainer.errors import ConfigError, FormatError
+from lib_trainer.formats.embedding import (
+    EMBEDDING_EXTENSIONS,
+    EmbeddingFile,
+    embedding_metadata,
+    read_embedding,
+    save_embedding,
+)
+from lib_trainer.formats.files import check_name, is_inside, path_in
+from lib_trainer.loop.checkpoint import ResumeState, load_sidecar, save_sidecar, tensors_checksum
+from lib_trainer.loop.hooks import TrainingHooks
+from lib_trainer.loop.train import LossLog, Objective, TrainResult, train
+from lib_trainer.models.diffusion import DiffusionObjective
+from lib_trainer.models.parts import ModelParts
+
+MAX_VECTORS = 75
+
+
+@dataclass(frozen=True)
+class EmbeddingConfig:
+    """A new embedding: its name (the prompt word), initialisation text and size."""
+
+    name: str = ""
+    init_text: str = "*"
+    num_vectors: int = 1
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        check_name(self.name, "embedding.name")
+        check_range("embedding.num_vectors", self.num_vectors, 1, MAX_VECTORS,
+                    "one prompt chunk holds 75 tokens; 1-8 vectors are typical")
+
+
+@dataclass(frozen=True)
+class TextualInversionConfig:
+    """Everything a textual-inversion run needs; embedded in every saved file's metadata."""
+
+    embedding: EmbeddingConfig
+    data: DataConfig
+    train: TrainConfig = dataclasses.field(default_factory=lambda: TrainConfig(learning_rate="0.005"))
+    resume_from: str = ""  # start from this embedding file instead of <name> in the embeddings folder
+    version: int = CONFIG_VERSION
+
+    @classmethod
+    def from_dict(cls, data: dict) -> TextualInversionConfig:
+        """Build from a plain dict (UI, API, saved metadata), upgrading old versions."""
+        return build_versioned(cls, data)
+
+
+@dataclass(frozen=True)
+class OutputPaths:
+    """Folders the host configured: where embeddings live, and where run logs/numbered copies go."""
+
+    embeddings_dir: Path
+    log_dir: Path
+
+
+def initial_vectors(parts: ModelParts, init_text: str, num_vectors: int) -> torch.Tensor:
+    """Vectors from the token embeddings of ``init_text`` (first n tokens, repeated to n); zeros if empty.
+
+    Same rule as the WebUI's create-embedding: vector i is token ``i * m // n`` of the m tokens.
+    """
+    encoder = parts.text_encoder
+    ids = encoder.tokenize(init_text)[:num_vectors] if init_text.strip() else []
+    vectors = torch.zeros(num_vectors, encoder.dim)
+    if ids:
+        rows = encoder.token_vectors(ids)
+        for i in range(num_vectors):
+            vectors[i] = rows[i * len(ids) // num_vectors]
+    return vectors
+
+
+def embedding_path(embeddings_dir: Path, name: str) -> Path:
+    """The file an embedding called ``name`` is written to."""
+    return path_in(embeddings_dir, f"{name}.safetensors")
+
+
+def create_embedding(config: EmbeddingConfig, parts: ModelParts, embeddings_dir: Path) -> Path:
+    """Write a new embedding (step 0); refuse an existing one unless ``overwrite``."""
+    path = embedding_path(embeddings_dir, config.name)
+    _check_name_free(embeddings_dir, config.name, allow=path if config.overwrite else None)
+    vectors = initial_vectors(parts, config.init_text, config.num_vectors)
+    meta = embedding_metadata(config.name, 0, parts.family, parts.prediction, parts.model_name, parts.model_hash,
+                              json.dumps(dataclasses.asdict(config), sort_keys=True))
+    return save_embedding(path, vectors, meta)
+
+
+def _check_name_free(embeddings_dir: Path, name: str, allow: Path | None) -> None:
+    """Refuse when a file would give the prompt word ``name`` twice (the WebUI walks the whole folder)."""
+    taken = [p for p in _files_named(embeddings_dir, name) if allow is None or p.resolve() != allow.resolve()]
+    if taken:
+        hint = "choose another name" + ("" if allow else ", or turn on overwrite")
+        raise ConfigError(f"embedding.name {name!r} is already used by {taken[0]}; {hint}")
+
+
+def _files_named(folder: Path, name: str) -> list[Path]:
+    if not folder.is_dir():
+        return []
+    wanted = name.lower()
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.stem.lower() == wanted
+                  and p.suffix.lower() in (*EMBEDDING_EXTENSIONS, ".png", ".webp"))
+
+
+class EmbeddingTrainable:
+    """The trainable vectors of one embedding, and how they are saved."""
+
+    def __init__(self, config: TextualInversionConfig, parts: ModelParts, paths: OutputPaths, start: EmbeddingFile):
+        self.config, self.parts, self.paths = config, parts, paths
+        self.name = config.embedding.name
+        self.vectors = start.vectors.to(parts.text_encoder.device()).requires_grad_(True)
+        self.start_step = start.step
+        self.resume: ResumeState | None = None
+        self.main_path = embedding_path(paths.embeddings_dir, self.name)
+        self.run_dir = paths.log_dir / self.name
+
+    def parameters(self) -> list[torch.Tensor]:
+        """Only the new vectors."""
+        return [self.vectors]
+
+    def attach(self, parts: ModelParts) -> contextlib.AbstractContextManager:
+        """Nothing in the host model changes: the vectors enter through conditioning."""
+        return contextlib.nullcontext()
+
+    def condition(self, parts: ModelParts, prompts: list[str]) -> torch.Tensor:
+        """Conditioning with the vectors spliced in wherever the name appears."""
+        return parts.text_encoder.encode(prompts, {self.name: self.vectors})
+
+    def metadata(self, step: int) -> dict[str, str]:
+        """Metadata strings for a file saved at ``step``."""
+        p = self.parts
+        return embedding_metadata(self.name, step, p.family, p.prediction, p.model_name, p.model_hash,
+                                  to_json(self.config))
+
+    def save(self, step: int, resume: ResumeState) -> list[Path]:
+        """Write a numbered copy in the run folder and the main file (with its resume sidecar)."""
+        meta = self.metadata(step)
+        numbered = save_embedding(self.run_dir / "embeddings" / f"{self.name}-{step}.safetensors", self.vectors, meta)
+        main = save_embedding(self.main_path, self.vectors, meta)
+        save_sidecar(main, resume, tensors_checksum([self.vectors]))
+        return [numbered, main]
+
+
+def prepare(config: TextualInversionConfig, parts: ModelParts, paths: OutputPaths) -> tuple:
+    """Validate everything and load the data before anything is written; returns what ``run`` needs."""
+    if is_inside(paths.log_dir, paths.embeddings_dir):
+        raise ConfigError(f"the log folder {paths.log_dir} is inside the embeddings folder {paths.embeddings_dir}; "
+                          "numbered copies there would all load as embeddings. Choose a log folder outside it")
+    samples, template = load_training_set(config.data)
+    if not any("[name]" in line for line in template) and not any(
+            config.embedding.name.lower() in (s.caption or "").lower() for s in samples):
+        raise ConfigError(f"template {config.data.template!r} has no [name] and no caption mentions "
+                          f"{config.embedding.name!r}: the embedding would never be trained. Use a template with [name]")
+    start, resume = _starting_point(config, parts, paths)
+    if start.step >= config.train.steps:
+        raise ConfigError(f"embedding {config.embedding.name!r} has already trained {start.step} steps and "
+                          f"train.steps is {config.train.steps} (the total); raise train.steps to train further")
+    return samples, template, start, resume
+
+
+def _starting_point(config: TextualInversionConfig, parts: ModelParts,
+                    paths: OutputPaths) -> tuple[EmbeddingFile, ResumeState | None]:
+    emb = config.embedding
+    main = embedding_path(paths.embeddings_dir, emb.name)
+    _check_name_free(paths.embeddings_dir, emb.name, allow=main)
+    source = Path(config.resume_from).expanduser() if config.resume_from else main
+    if config.resume_from and not source.is_file():
+        raise ConfigError(f"resume_from {config.resume_from!r} is not an existing file; give an embedding file path")
+    if config.resume_from and source.resolve() != main.resolve() and main.exists() and not emb.overwrite:
+        raise ConfigError(f"{main} already exists; turn on embedding.overwrite to replace it with the resumed run")
+    if source.is_file() and not (source == main and emb.overwrite):
+        start = read_embedding(source)
+        if start.vectors.shape[1] != parts.text_encoder.dim:
+            raise FormatError(
+                f"{source.name} has vectors of width {start.vectors.shape[1]} but this model's text encoder uses "
+                f"{parts.text_encoder.dim} (an embedding for another model family?); pick a matching file")
+        return start, load_sidecar(source, tensors_checksum([start.vectors]))
+    return EmbeddingFile(initial_vectors(parts, emb.init_text, emb.num_vectors), 0, emb.name), None
+
+
+def train_embedding(
+    config: TextualInversionConfig, parts: ModelParts, paths: OutputPaths, hooks: TrainingHooks | None = None,
+    objective: Objective | None = None,
+) -> TrainResult:
+    """Train (or continue) the embedding ``config.embedding.name``; saves every ``save_every`` and at the end."""
+    samples, template, start, resume = prepare(config, parts, paths)
+    trainable = EmbeddingTrainable(config, parts, paths, start)
+    trainable.resume = resume
+    trainable.run_dir.mkdir(parents=True, exist_ok=True)
+    (trainable.run_dir / "config.json").write_text(to_json(config), encoding="utf-8")
+    seed = config.train.seed + start.step
+    cache = LatentCache(samples, parts.latent_encoder, config.data.latent_sampling,
+                        torch.Generator().manual_seed(seed))
+    prompts = PromptMaker(template, config.embedding.name, config.data, random.Random(seed))
+    batches = TrainingBatches(samples, cache, prompts, config.train.batch_size, seed)
+    log = LossLog(trainable.run_dir / "loss.csv")
+    return train(parts, trainable, batches, objective or DiffusionObjective(), config.train, hooks, log)

@@ -1,0 +1,1 @@
+"""What the core needs from a model (ModelParts) and adapters that build it from host objects."""

@@ -1,0 +1,44 @@
+"""The DDPM forward process and training targets (Ho et al. 2020; v-prediction: Salimans & Ho 2022).
+
+x_t = sqrt(a_t) * x_0 + sqrt(1 - a_t) * eps, with a_t = alphas_cumprod[t];
+the eps-model's target is eps, the v-model's target is v = sqrt(a_t) * eps - sqrt(1 - a_t) * x_0.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from lib_trainer.models.parts import ModelParts
+
+
+def add_noise(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """x_t for integer timesteps ``t`` (one per batch row)."""
+    a = alphas_cumprod[t].view(-1, 1, 1, 1)
+    return a.sqrt() * x0 + (1 - a).sqrt() * noise
+
+
+def target_for(
+    prediction: str, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, alphas_cumprod: torch.Tensor
+) -> torch.Tensor:
+    """What the model should output at x_t: eps for eps-models, v for v-models."""
+    if prediction == "eps":
+        return noise
+    a = alphas_cumprod[t].view(-1, 1, 1, 1)
+    return a.sqrt() * noise - (1 - a).sqrt() * x0
+
+
+class DiffusionObjective:
+    """The standard denoising loss: random t and noise, MSE to the parameterisation's target, per sample."""
+
+    def loss(self, parts: ModelParts, latents: torch.Tensor, cond: torch.Tensor,
+             generator: torch.Generator) -> torch.Tensor:
+        """Per-sample MSE ``[B]`` of the model's prediction at a random timestep."""
+        batch = latents.shape[0]
+        t = torch.randint(0, parts.num_timesteps, (batch,), generator=generator, device=generator.device)
+        t = t.to(latents.device)
+        noise = torch.randn(latents.shape, generator=generator, device=generator.device).to(latents.device)
+        x_t = add_noise(latents, noise, t, parts.alphas_cumprod)
+        pred = parts.apply_model(x_t.to(parts.dtype), t, cond)
+        target = target_for(parts.prediction, latents, noise, t, parts.alphas_cumprod)
+        return F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))

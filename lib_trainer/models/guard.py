@@ -1,0 +1,43 @@
+"""Freeze host modules for training and restore them exactly afterwards (ComfyUI ModelPatcher style)."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Iterator
+
+import torch
+from torch import nn
+
+
+@contextlib.contextmanager
+def frozen_host(modules: Iterable[nn.Module]) -> Iterator[None]:
+    """Put ``modules`` in eval mode with no trainable parameters; restore modes, flags and devices on exit.
+
+    Restoration happens in ``finally``, so an exception or an interrupt inside the block leaves the host
+    model as it was: every submodule's train/eval flag, every parameter's ``requires_grad`` and device.
+    """
+    modules = [m for m in modules if m is not None]
+    modes = [(sub, sub.training) for m in modules for sub in m.modules()]
+    params = [(p, p.requires_grad, p.device) for m in modules for p in m.parameters()]
+    try:
+        for module in modules:
+            module.eval()
+            module.requires_grad_(False)
+        yield
+    finally:
+        for sub, training in modes:
+            sub.training = training
+        for param, requires_grad, device in params:
+            if param.device != device:
+                param.data = param.data.to(device)
+            param.requires_grad_(requires_grad)
+
+
+def parameter_versions(modules: Iterable[nn.Module]) -> list[int]:
+    """In-place modification counters of every parameter: unchanged counters mean untouched weights."""
+    return [p._version for m in modules for p in m.parameters()]
+
+
+def state_fingerprint(module: nn.Module) -> dict[str, torch.Tensor]:
+    """A detached CPU copy of a module's state (tests compare it bit for bit)."""
+    return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}

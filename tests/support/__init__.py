@@ -1,0 +1,1 @@
+"""Test support: builds tiny Stable Diffusion models from the real ldm classes, offline."""
