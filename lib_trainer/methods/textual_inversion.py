@@ -208,10 +208,12 @@ def train_embedding(
     trainable.resume = resume
     trainable.run_dir.mkdir(parents=True, exist_ok=True)
     (trainable.run_dir / "config.json").write_text(to_json(config), encoding="utf-8")
-    seed = config.train.seed + start.step
+    seed = config.train.seed
     cache = LatentCache(samples, parts.latent_encoder, config.data.latent_sampling,
                         torch.Generator().manual_seed(seed))
-    prompts = PromptMaker(template, config.embedding.name, config.data, random.Random(seed))
-    batches = TrainingBatches(samples, cache, prompts, config.train.batch_size, seed)
+    # without a sidecar a resumed run draws new batches instead of repeating the first steps' ones
+    batch_seed = seed if resume else seed + start.step
+    prompts = PromptMaker(template, config.embedding.name, config.data, random.Random(batch_seed))
+    batches = TrainingBatches(samples, cache, prompts, config.train.batch_size, batch_seed)
     log = LossLog(trainable.run_dir / "loss.csv")
     return train(parts, trainable, batches, objective or DiffusionObjective(), config.train, hooks, log)
