@@ -71,8 +71,11 @@ def to_json(config: Any) -> str:
 def check_range(field: str, value: float, low: float | None, high: float | None, hint: str = "") -> None:
     """Raise a ConfigError naming ``field`` when ``value`` is outside [low, high]."""
     if (low is not None and value < low) or (high is not None and value > high):
-        bounds = f"between {low} and {high}" if low is not None and high is not None else (
-            f"at least {low}" if low is not None else f"at most {high}")
+        bounds = (
+            f"between {low} and {high}"
+            if low is not None and high is not None
+            else (f"at least {low}" if low is not None else f"at most {high}")
+        )
         raise ConfigError(f"{field} must be {bounds}, but is {value!r}" + (f"; {hint}" if hint else ""))
 
 
@@ -158,7 +161,8 @@ class DataConfig:
                 raise ConfigError(f"data.{name} must be a multiple of 64, but is {value}; try {round(value / 64) * 64}")
         if not self.caption_extension.startswith(".") or len(self.caption_extension) < 2:
             raise ConfigError(
-                f"data.caption_extension must start with a dot, like '.txt', but is {self.caption_extension!r}")
+                f"data.caption_extension must start with a dot, like '.txt', but is {self.caption_extension!r}"
+            )
         check_range("data.keep_tags", self.keep_tags, 0, None)
         check_range("data.tag_dropout", self.tag_dropout, 0.0, 0.95)
 

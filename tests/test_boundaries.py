@@ -27,14 +27,19 @@ def python_files(folder: str) -> list[Path]:
 
 
 def test_only_host_module_imports_the_webui():
-    offenders = [str(p) for p in python_files("lib_trainer") if "modules" in imported_roots(ROOT / p) and p != HOST_FILE]
+    offenders = [
+        str(p) for p in python_files("lib_trainer") if "modules" in imported_roots(ROOT / p) and p != HOST_FILE
+    ]
     assert offenders == []
 
 
 def test_only_webui_glue_imports_ui_frameworks():
     ui = {"gradio", "fastapi", "launch", "starlette"}
-    offenders = [str(p) for p in python_files("lib_trainer")
-                 if imported_roots(ROOT / p) & ui and p.parts[:2] != ("lib_trainer", "webui")]
+    offenders = [
+        str(p)
+        for p in python_files("lib_trainer")
+        if imported_roots(ROOT / p) & ui and p.parts[:2] != ("lib_trainer", "webui")
+    ]
     assert offenders == []
 
 

@@ -35,7 +35,8 @@ def test_vectors_replace_every_occurrence_and_carry_gradients(parts):
     chunks = parts.text_encoder.build_chunks("zq1 and zq1", {"zq1": vectors})
     assert [pos for pos, _ in chunks[0].splices] == [1, 5]  # BOS, 3 slots, "and", 3 slots
     parts.text_encoder.encode(["zq1 and zq1"], {"zq1": vectors}).sum().backward()
-    assert vectors.grad is not None and vectors.grad.abs().sum() > 0
+    assert vectors.grad is not None
+    assert vectors.grad.abs().sum() > 0
 
 
 def test_long_prompts_are_chunked_like_the_webui(parts):
@@ -46,7 +47,8 @@ def test_long_prompts_are_chunked_like_the_webui(parts):
     assert n_chunks > 1
     assert cond.shape == (2, 77 * n_chunks, encoder.dim)
     for chunk in encoder.build_chunks(long_prompt):
-        assert len(chunk.ids) == CHUNK_TOKENS + 2 and chunk.ids[0] == encoder.bos
+        assert len(chunk.ids) == CHUNK_TOKENS + 2
+        assert chunk.ids[0] == encoder.bos
 
 
 def test_embedding_never_split_across_chunks(parts):
@@ -55,7 +57,8 @@ def test_embedding_never_split_across_chunks(parts):
     prompt = "x " * 70 + "zq1"
     chunks = encoder.build_chunks(prompt, {"zq1": vectors})
     assert len(chunks) == 2
-    assert chunks[0].splices == [] and chunks[1].splices[0][0] == 1
+    assert chunks[0].splices == []
+    assert chunks[1].splices[0][0] == 1
 
 
 def test_comma_backtrack_moves_trailing_words_to_next_chunk(parts):

@@ -26,11 +26,13 @@ from lib_trainer.models.guard import state_fingerprint
 def ti_config(data_dir: Path, **train) -> TextualInversionConfig:
     """A small, fast configuration for the tiny models."""
     settings = {"steps": 6, "batch_size": 2, "save_every": 0, "preview_every": 0, **train}
-    return TextualInversionConfig.from_dict({
-        "embedding": {"name": "zqtoken", "init_text": "cat", "num_vectors": 2},
-        "data": {"data_dir": str(data_dir), "width": 64, "height": 64},
-        "train": settings,
-    })
+    return TextualInversionConfig.from_dict(
+        {
+            "embedding": {"name": "zqtoken", "init_text": "cat", "num_vectors": 2},
+            "data": {"data_dir": str(data_dir), "width": 64, "height": 64},
+            "train": settings,
+        }
+    )
 
 
 @pytest.fixture
@@ -41,7 +43,8 @@ def paths(tmp_path: Path) -> OutputPaths:
 def webui_loads(path: Path, expected_dim: int) -> tuple[str, torch.Tensor]:
     """The WebUI 1.10 EmbeddingDatabase rule for .safetensors (FORMATS.md 3.1): one tensor [n, dim] -> usable."""
     data = safetensors.torch.load_file(str(path), device="cpu")
-    assert "string_to_param" not in data and not ("clip_l" in data and "clip_g" in data)
+    assert "string_to_param" not in data
+    assert not ("clip_l" in data and "clip_g" in data)
     assert len(data) == 1, "a diffusers-concept style file must hold exactly one tensor"
     vec = next(iter(data.values())).detach().to(torch.float32)
     vec = vec.unsqueeze(0) if vec.dim() == 1 else vec
@@ -77,11 +80,13 @@ def test_created_file_is_what_the_webui_loads(parts, tmp_path):
     path = create_embedding(EmbeddingConfig(name="zqtoken", init_text="cat", num_vectors=3), parts, tmp_path)
     assert path == tmp_path / "zqtoken.safetensors"
     name, vec = webui_loads(path, parts.text_encoder.dim)
-    assert name == "zqtoken" and vec.shape == (3, parts.text_encoder.dim)
+    assert name == "zqtoken"
+    assert vec.shape == (3, parts.text_encoder.dim)
     assert safetensors.torch.load_file(str(path))["emb_params"].dtype == torch.float32
     loaded = read_embedding(path)
     torch.testing.assert_close(loaded.vectors, initial_vectors(parts, "cat", 3), rtol=0, atol=0)
-    assert loaded.step == 0 and loaded.name == "zqtoken"
+    assert loaded.step == 0
+    assert loaded.name == "zqtoken"
     assert loaded.metadata["modelspec.architecture"].endswith("/textual-inversion")
 
 
@@ -99,14 +104,25 @@ def test_create_refuses_existing_name_unless_overwrite(parts, tmp_path):
 
 def test_reads_webui_pt_and_kohya_files(tmp_path):
     vec = torch.randn(2, 32)
-    torch.save({"string_to_token": {"*": 265}, "string_to_param": {"*": vec}, "name": "x", "step": 1234,
-                "sd_checkpoint": None, "sd_checkpoint_name": None}, tmp_path / "webui.pt")
+    torch.save(
+        {
+            "string_to_token": {"*": 265},
+            "string_to_param": {"*": vec},
+            "name": "x",
+            "step": 1234,
+            "sd_checkpoint": None,
+            "sd_checkpoint_name": None,
+        },
+        tmp_path / "webui.pt",
+    )
     safetensors.torch.save_file({"emb_params": vec}, str(tmp_path / "kohya.safetensors"), metadata={"step": "7"})
     safetensors.torch.save_file({"clip_l": vec, "clip_g": vec.clone()}, str(tmp_path / "sdxl.safetensors"))
     webui = read_embedding(tmp_path / "webui.pt")
-    assert webui.step == 1234 and torch.equal(webui.vectors, vec)
+    assert webui.step == 1234
+    assert torch.equal(webui.vectors, vec)
     kohya = read_embedding(tmp_path / "kohya.safetensors")
-    assert kohya.step == 7 and torch.equal(kohya.vectors, vec)
+    assert kohya.step == 7
+    assert torch.equal(kohya.vectors, vec)
     with pytest.raises(TrainerError, match="SDXL"):
         read_embedding(tmp_path / "sdxl.safetensors")
 
@@ -114,16 +130,21 @@ def test_reads_webui_pt_and_kohya_files(tmp_path):
 def test_training_saves_numbered_copies_log_and_main_file(parts, image_dir, paths):
     result = train_embedding(ti_config(image_dir, steps=6, save_every=3), parts, paths)
     run = paths.log_dir / "zqtoken"
-    assert result.step == 6 and not result.stopped
+    assert result.step == 6
+    assert not result.stopped
     assert sorted(p.name for p in (run / "embeddings").iterdir()) == ["zqtoken-3.safetensors", "zqtoken-6.safetensors"]
     main = paths.embeddings_dir / "zqtoken.safetensors"
-    assert read_embedding(main).step == 6 and sidecar_path(main).is_file()
+    assert read_embedding(main).step == 6
+    assert sidecar_path(main).is_file()
     webui_loads(main, parts.text_encoder.dim)
     lines = (run / "loss.csv").read_text().splitlines()
-    assert lines[0] == "step,loss,learning_rate,elapsed_s" and len(lines) == 7
+    assert lines[0] == "step,loss,learning_rate,elapsed_s"
+    assert len(lines) == 7
     assert [row["step"] for row in result.history] == [1, 2, 3, 4, 5, 6]
-    assert sorted(p.name for p in paths.embeddings_dir.iterdir()) == ["zqtoken.safetensors",
-                                                                      "zqtoken.safetensors.optim"]
+    assert sorted(p.name for p in paths.embeddings_dir.iterdir()) == [
+        "zqtoken.safetensors",
+        "zqtoken.safetensors.optim",
+    ]
 
 
 def test_only_the_new_vectors_change(parts, image_dir, paths):
@@ -136,11 +157,13 @@ def test_only_the_new_vectors_change(parts, image_dir, paths):
 def test_interrupt_saves_and_resume_continues_the_step_count(parts, image_dir, paths):
     hooks = StopAfter(4)
     first = train_embedding(ti_config(image_dir, steps=10), parts, paths, hooks)
-    assert first.stopped and first.step == 4
+    assert first.stopped
+    assert first.step == 4
     assert ("zqtoken.safetensors", 4) in hooks.saved
     assert read_embedding(paths.embeddings_dir / "zqtoken.safetensors").step == 4
     second = train_embedding(ti_config(image_dir, steps=10), parts, paths)
-    assert second.start_step == 4 and second.step == 10
+    assert second.start_step == 4
+    assert second.step == 10
     assert [row["step"] for row in second.history] == [5, 6, 7, 8, 9, 10]
     assert read_embedding(paths.embeddings_dir / "zqtoken.safetensors").step == 10
 
@@ -161,7 +184,8 @@ def test_resume_from_another_file(parts, image_dir, paths, tmp_path):
     torch.save({"string_to_param": {"*": torch.randn(3, parts.text_encoder.dim)}, "step": 2}, source)
     config = TextualInversionConfig.from_dict({**_as_dict(ti_config(image_dir, steps=4)), "resume_from": str(source)})
     result = train_embedding(config, parts, paths)
-    assert result.start_step == 2 and result.step == 4
+    assert result.start_step == 2
+    assert result.step == 4
     assert read_embedding(paths.embeddings_dir / "zqtoken.safetensors").vectors.shape[0] == 3
 
 
@@ -214,24 +238,28 @@ def test_non_finite_loss_stops_with_a_clear_error(parts, image_dir, paths):
             value = cond.float().mean() * 0 + (float("nan") if NaNObjective.calls > 2 else 1.0)
             return value.expand(latents.shape[0])
 
-    with pytest.raises(TrainingError, match="Lower train.learning_rate"):
+    with pytest.raises(TrainingError, match=r"Lower train\.learning_rate"):
         train_embedding(ti_config(image_dir, steps=6), parts, paths, objective=NaNObjective())
     saved = read_embedding(paths.embeddings_dir / "zqtoken.safetensors")
-    assert saved.step == 2 and torch.isfinite(saved.vectors).all()
+    assert saved.step == 2
+    assert torch.isfinite(saved.vectors).all()
 
 
 def _nothing_written(paths: OutputPaths) -> bool:
     return not paths.embeddings_dir.exists() and not paths.log_dir.exists()
 
 
-@pytest.mark.parametrize(("case", "error", "message"), [
-    ("empty folder", DatasetError, "no images found"),
-    ("only non-images", DatasetError, "no images found"),
-    ("text file named .png", DatasetError, "cannot be read as an image"),
-    ("truncated jpeg", DatasetError, "cannot be read as an image"),
-    ("missing captions", DatasetError, "no caption file"),
-    ("missing folder", DatasetError, "not an existing folder"),
-])
+@pytest.mark.parametrize(
+    ("case", "error", "message"),
+    [
+        ("empty folder", DatasetError, "no images found"),
+        ("only non-images", DatasetError, "no images found"),
+        ("text file named .png", DatasetError, "cannot be read as an image"),
+        ("truncated jpeg", DatasetError, "cannot be read as an image"),
+        ("missing captions", DatasetError, "no caption file"),
+        ("missing folder", DatasetError, "not an existing folder"),
+    ],
+)
 def test_bad_data_is_a_clear_error_and_nothing_is_written(sd1_model, tmp_path, case, error, message):
     from lib_trainer.models.ldm import parts_from_ldm
     from tests.conftest import write_images
@@ -260,13 +288,16 @@ def test_bad_data_is_a_clear_error_and_nothing_is_written(sd1_model, tmp_path, c
     assert _nothing_written(paths)
 
 
-@pytest.mark.parametrize(("embedding", "message"), [
-    ({"name": "a/b"}, "contains '/'"),
-    ({"name": "..\\evil"}, "contains"),
-    ({"name": ""}, "empty"),
-    ({"name": "ok", "num_vectors": 0}, "between 1 and 75, but is 0"),
-    ({"name": "ok", "num_vectors": 100}, "between 1 and 75, but is 100"),
-])
+@pytest.mark.parametrize(
+    ("embedding", "message"),
+    [
+        ({"name": "a/b"}, "contains '/'"),
+        ({"name": "..\\evil"}, "contains"),
+        ({"name": ""}, "empty"),
+        ({"name": "ok", "num_vectors": 0}, "between 1 and 75, but is 0"),
+        ({"name": "ok", "num_vectors": 100}, "between 1 and 75, but is 100"),
+    ],
+)
 def test_bad_embedding_settings(embedding, message, tmp_path):
     with pytest.raises(ConfigError, match=message):
         TextualInversionConfig.from_dict({"embedding": embedding, "data": {"data_dir": str(tmp_path)}})
@@ -275,8 +306,9 @@ def test_bad_embedding_settings(embedding, message, tmp_path):
 def test_unknown_template_lists_the_valid_ones(sd1_model, image_dir, tmp_path):
     from lib_trainer.models.ldm import parts_from_ldm
 
-    config = TextualInversionConfig.from_dict({
-        "embedding": {"name": "zqtoken"}, "data": {"data_dir": str(image_dir), "template": "portrait"}})
+    config = TextualInversionConfig.from_dict(
+        {"embedding": {"name": "zqtoken"}, "data": {"data_dir": str(image_dir), "template": "portrait"}}
+    )
     paths = OutputPaths(tmp_path / "embeddings", tmp_path / "logs")
     with pytest.raises(ConfigError, match="subject_filewords"):
         train_embedding(config, parts_from_ldm(sd1_model), paths)

@@ -66,8 +66,9 @@ def load_training_set(config: DataConfig) -> tuple[list[Sample], list[str]]:
     if scan.problems:
         listed = "; ".join(f"{p.name}: {reason}" for p, reason in scan.problems[:10])
         more = f" (and {len(scan.problems) - 10} more)" if len(scan.problems) > 10 else ""
-        raise DatasetError(f"{len(scan.problems)} file(s) in {config.data_dir!r} cannot be used: {listed}{more}; "
-                           "fix or remove them")
+        raise DatasetError(
+            f"{len(scan.problems)} file(s) in {config.data_dir!r} cannot be used: {listed}{more}; fix or remove them"
+        )
     if not scan.samples:
         raise DatasetError(
             f"no images found in {config.data_dir!r}; put .jpg, .jpeg, .png, .webp or .bmp files in that folder"
@@ -148,8 +149,11 @@ class TrainingBatches:
     def rng_state(self) -> dict[str, Any]:
         """Random state for a resume sidecar (JSON values and tensors)."""
         version, internal, gauss = self.rng.getstate()
-        return {"python": [version, list(internal), gauss], "queue": list(self.queue),
-                "latent": self.latent_generator.get_state()}
+        return {
+            "python": [version, list(internal), gauss],
+            "queue": list(self.queue),
+            "latent": self.latent_generator.get_state(),
+        }
 
     def set_rng_state(self, state: dict[str, Any]) -> None:
         """Restore what ``rng_state`` returned."""

@@ -22,8 +22,11 @@ from lib_trainer.formats.files import write_bytes_atomic
 
 TENSOR_KEY = "emb_params"
 EMBEDDING_EXTENSIONS = (".safetensors", ".pt", ".bin")
-ARCHITECTURES = {("sd1", "eps"): "stable-diffusion-v1", ("sd2", "eps"): "stable-diffusion-v2-512",
-                 ("sd2", "v"): "stable-diffusion-v2-768-v"}
+ARCHITECTURES = {
+    ("sd1", "eps"): "stable-diffusion-v1",
+    ("sd2", "eps"): "stable-diffusion-v2-512",
+    ("sd2", "v"): "stable-diffusion-v2-768-v",
+}
 
 
 @dataclass
@@ -37,12 +40,20 @@ class EmbeddingFile:
 
 
 def embedding_metadata(
-    name: str, step: int, family: str, prediction: str, model_name: str | None, model_hash: str | None,
+    name: str,
+    step: int,
+    family: str,
+    prediction: str,
+    model_name: str | None,
+    model_hash: str | None,
     config_json: str,
 ) -> dict[str, str]:
     """Metadata strings for a saved embedding (ignored by the WebUI's loader, shown by model browsers)."""
     meta = {
-        "name": name, "step": str(step), "trainer": "sd-webui-trainer", "trainer_config": config_json,
+        "name": name,
+        "step": str(step),
+        "trainer": "sd-webui-trainer",
+        "trainer_config": config_json,
         "modelspec.sai_model_spec": "1.0.1",
         "modelspec.architecture": f"{ARCHITECTURES.get((family, prediction), 'stable-diffusion-v1')}/textual-inversion",
         "modelspec.title": name,
@@ -76,8 +87,13 @@ def read_embedding(path: Path) -> EmbeddingFile:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except (OSError, RuntimeError, ValueError, safetensors.SafetensorError) as exc:
         raise FormatError(f"{path.name} cannot be read as an embedding: {exc}") from exc
-    return _from_dict(path, data, step=_int(data.get("step")) if isinstance(data, dict) else 0,
-                      name=data.get("name") if isinstance(data, dict) else None, metadata={})
+    return _from_dict(
+        path,
+        data,
+        step=_int(data.get("step")) if isinstance(data, dict) else 0,
+        name=data.get("name") if isinstance(data, dict) else None,
+        metadata={},
+    )
 
 
 def _read_safetensors(path: Path) -> EmbeddingFile:

@@ -20,8 +20,10 @@ def check_name(name: str, field: str) -> str:
     bad = sorted({c for c in name if c in _FORBIDDEN})
     if bad:
         shown = ", ".join(repr(c) for c in bad)
-        raise ConfigError(f"{field} {name!r} contains {shown}; use letters, digits, spaces, '-' or '_' "
-                          "(names may not contain path separators or commas)")
+        raise ConfigError(
+            f"{field} {name!r} contains {shown}; use letters, digits, spaces, '-' or '_' "
+            "(names may not contain path separators or commas)"
+        )
     if name != name.strip() or name.startswith(".") or name.endswith("."):
         raise ConfigError(f"{field} {name!r} may not start or end with a space or a dot")
     if len(name) > MAX_NAME:
@@ -48,14 +50,14 @@ def write_atomic(path: Path, write: Callable[[Path], None]) -> Path:
     """Call ``write(tmp_path)`` on a temporary file beside ``path``, then rename it over ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
+    tmp = Path(name)
     try:
-        write(Path(tmp))
-        os.replace(tmp, path)
+        write(tmp)
+        tmp.replace(path)
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        tmp.unlink(missing_ok=True)
     return path
 
 

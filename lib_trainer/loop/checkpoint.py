@@ -61,8 +61,13 @@ def save_sidecar(path: Path, state: ResumeState, checksum: str) -> Path:
             tensors[f"rng.{key}"] = value.cpu().contiguous()
         else:
             rng_plain[key] = value
-    meta = {"checksum": checksum, "step": str(state.step), "param_groups": json.dumps(state.optimizer["param_groups"]),
-            "optimizer_plain": json.dumps(opt_state), "rng_plain": json.dumps(rng_plain)}
+    meta = {
+        "checksum": checksum,
+        "step": str(state.step),
+        "param_groups": json.dumps(state.optimizer["param_groups"]),
+        "optimizer_plain": json.dumps(opt_state),
+        "rng_plain": json.dumps(rng_plain),
+    }
     return write_bytes_atomic(sidecar_path(path), safetensors.torch.save(tensors, metadata=meta))
 
 

@@ -45,8 +45,9 @@ class Trainable(Protocol):
 class Objective(Protocol):
     """Per-sample loss ``[B]`` for latents and conditioning (the denoising loss, or a test's own)."""
 
-    def loss(self, parts: ModelParts, latents: torch.Tensor, cond: torch.Tensor,
-             generator: torch.Generator) -> torch.Tensor: ...
+    def loss(
+        self, parts: ModelParts, latents: torch.Tensor, cond: torch.Tensor, generator: torch.Generator
+    ) -> torch.Tensor: ...
 
 
 class BatchSource(Protocol):
@@ -106,8 +107,13 @@ class _Run:
 
 
 def train(
-    parts: ModelParts, trainable: Trainable, batches: BatchSource, objective: Objective, config: TrainConfig,
-    hooks: TrainingHooks | None = None, loss_log: LossLog | None = None,
+    parts: ModelParts,
+    trainable: Trainable,
+    batches: BatchSource,
+    objective: Objective,
+    config: TrainConfig,
+    hooks: TrainingHooks | None = None,
+    loss_log: LossLog | None = None,
 ) -> TrainResult:
     """Train ``trainable`` on ``parts`` until ``config.steps`` (total, counting resumed steps) or a stop."""
     hooks = hooks or TrainingHooks()

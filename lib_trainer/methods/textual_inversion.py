@@ -48,8 +48,13 @@ class EmbeddingConfig:
 
     def __post_init__(self) -> None:
         check_name(self.name, "embedding.name")
-        check_range("embedding.num_vectors", self.num_vectors, 1, MAX_VECTORS,
-                    "one prompt chunk holds 75 tokens; 1-8 vectors are typical")
+        check_range(
+            "embedding.num_vectors",
+            self.num_vectors,
+            1,
+            MAX_VECTORS,
+            "one prompt chunk holds 75 tokens; 1-8 vectors are typical",
+        )
 
 
 @dataclass(frozen=True)
@@ -101,8 +106,15 @@ def create_embedding(config: EmbeddingConfig, parts: ModelParts, embeddings_dir:
     path = embedding_path(embeddings_dir, config.name)
     _check_name_free(embeddings_dir, config.name, allow=path if config.overwrite else None)
     vectors = initial_vectors(parts, config.init_text, config.num_vectors)
-    meta = embedding_metadata(config.name, 0, parts.family, parts.prediction, parts.model_name, parts.model_hash,
-                              json.dumps(dataclasses.asdict(config), sort_keys=True))
+    meta = embedding_metadata(
+        config.name,
+        0,
+        parts.family,
+        parts.prediction,
+        parts.model_name,
+        parts.model_hash,
+        json.dumps(dataclasses.asdict(config), sort_keys=True),
+    )
     return save_embedding(path, vectors, meta)
 
 
@@ -118,8 +130,11 @@ def _files_named(folder: Path, name: str) -> list[Path]:
     if not folder.is_dir():
         return []
     wanted = name.lower()
-    return sorted(p for p in folder.rglob("*") if p.is_file() and p.stem.lower() == wanted
-                  and p.suffix.lower() in (*EMBEDDING_EXTENSIONS, ".png", ".webp"))
+    return sorted(
+        p
+        for p in folder.rglob("*")
+        if p.is_file() and p.stem.lower() == wanted and p.suffix.lower() in (*EMBEDDING_EXTENSIONS, ".png", ".webp")
+    )
 
 
 class EmbeddingTrainable:
@@ -149,8 +164,9 @@ class EmbeddingTrainable:
     def metadata(self, step: int) -> dict[str, str]:
         """Metadata strings for a file saved at ``step``."""
         p = self.parts
-        return embedding_metadata(self.name, step, p.family, p.prediction, p.model_name, p.model_hash,
-                                  to_json(self.config))
+        return embedding_metadata(
+            self.name, step, p.family, p.prediction, p.model_name, p.model_hash, to_json(self.config)
+        )
 
     def save(self, step: int, resume: ResumeState) -> list[Path]:
         """Write a numbered copy in the run folder and the main file (with its resume sidecar)."""
@@ -164,22 +180,30 @@ class EmbeddingTrainable:
 def prepare(config: TextualInversionConfig, parts: ModelParts, paths: OutputPaths) -> tuple:
     """Validate everything and load the data before anything is written; returns what ``run`` needs."""
     if is_inside(paths.log_dir, paths.embeddings_dir):
-        raise ConfigError(f"the log folder {paths.log_dir} is inside the embeddings folder {paths.embeddings_dir}; "
-                          "numbered copies there would all load as embeddings. Choose a log folder outside it")
+        raise ConfigError(
+            f"the log folder {paths.log_dir} is inside the embeddings folder {paths.embeddings_dir}; "
+            "numbered copies there would all load as embeddings. Choose a log folder outside it"
+        )
     samples, template = load_training_set(config.data)
     if not any("[name]" in line for line in template) and not any(
-            config.embedding.name.lower() in (s.caption or "").lower() for s in samples):
-        raise ConfigError(f"template {config.data.template!r} has no [name] and no caption mentions "
-                          f"{config.embedding.name!r}: the embedding would never be trained. Use a template with [name]")
+        config.embedding.name.lower() in (s.caption or "").lower() for s in samples
+    ):
+        raise ConfigError(
+            f"template {config.data.template!r} has no [name] and no caption mentions "
+            f"{config.embedding.name!r}: the embedding would never be trained. Use a template with [name]"
+        )
     start, resume = _starting_point(config, parts, paths)
     if start.step >= config.train.steps:
-        raise ConfigError(f"embedding {config.embedding.name!r} has already trained {start.step} steps and "
-                          f"train.steps is {config.train.steps} (the total); raise train.steps to train further")
+        raise ConfigError(
+            f"embedding {config.embedding.name!r} has already trained {start.step} steps and "
+            f"train.steps is {config.train.steps} (the total); raise train.steps to train further"
+        )
     return samples, template, start, resume
 
 
-def _starting_point(config: TextualInversionConfig, parts: ModelParts,
-                    paths: OutputPaths) -> tuple[EmbeddingFile, ResumeState | None]:
+def _starting_point(
+    config: TextualInversionConfig, parts: ModelParts, paths: OutputPaths
+) -> tuple[EmbeddingFile, ResumeState | None]:
     emb = config.embedding
     main = embedding_path(paths.embeddings_dir, emb.name)
     _check_name_free(paths.embeddings_dir, emb.name, allow=main)
@@ -193,13 +217,17 @@ def _starting_point(config: TextualInversionConfig, parts: ModelParts,
         if start.vectors.shape[1] != parts.text_encoder.dim:
             raise FormatError(
                 f"{source.name} has vectors of width {start.vectors.shape[1]} but this model's text encoder uses "
-                f"{parts.text_encoder.dim} (an embedding for another model family?); pick a matching file")
+                f"{parts.text_encoder.dim} (an embedding for another model family?); pick a matching file"
+            )
         return start, load_sidecar(source, tensors_checksum([start.vectors]))
     return EmbeddingFile(initial_vectors(parts, emb.init_text, emb.num_vectors), 0, emb.name), None
 
 
 def train_embedding(
-    config: TextualInversionConfig, parts: ModelParts, paths: OutputPaths, hooks: TrainingHooks | None = None,
+    config: TextualInversionConfig,
+    parts: ModelParts,
+    paths: OutputPaths,
+    hooks: TrainingHooks | None = None,
     objective: Objective | None = None,
 ) -> TrainResult:
     """Train (or continue) the embedding ``config.embedding.name``; saves every ``save_every`` and at the end."""
@@ -209,8 +237,7 @@ def train_embedding(
     trainable.run_dir.mkdir(parents=True, exist_ok=True)
     (trainable.run_dir / "config.json").write_text(to_json(config), encoding="utf-8")
     seed = config.train.seed
-    cache = LatentCache(samples, parts.latent_encoder, config.data.latent_sampling,
-                        torch.Generator().manual_seed(seed))
+    cache = LatentCache(samples, parts.latent_encoder, config.data.latent_sampling, torch.Generator().manual_seed(seed))
     # without a sidecar a resumed run draws new batches instead of repeating the first steps' ones
     batch_seed = seed if resume else seed + start.step
     prompts = PromptMaker(template, config.embedding.name, config.data, random.Random(batch_seed))

@@ -31,8 +31,9 @@ def target_for(
 class DiffusionObjective:
     """The standard denoising loss: random t and noise, MSE to the parameterisation's target, per sample."""
 
-    def loss(self, parts: ModelParts, latents: torch.Tensor, cond: torch.Tensor,
-             generator: torch.Generator) -> torch.Tensor:
+    def loss(
+        self, parts: ModelParts, latents: torch.Tensor, cond: torch.Tensor, generator: torch.Generator
+    ) -> torch.Tensor:
         """Per-sample MSE ``[B]`` of the model's prediction at a random timestep."""
         batch = latents.shape[0]
         t = torch.randint(0, parts.num_timesteps, (batch,), generator=generator, device=generator.device)

@@ -34,8 +34,11 @@ def parts_from_ldm(
         apply_model=sd_model.apply_model,
         latent_encoder=LatentEncoder(_vae_encode_fn(sd_model), float(sd_model.scale_factor)),
         alphas_cumprod=alphas,
-        host_modules={"unet": sd_model.model, "text_encoder": sd_model.cond_stage_model,
-                      "vae": sd_model.first_stage_model},
+        host_modules={
+            "unet": sd_model.model,
+            "text_encoder": sd_model.cond_stage_model,
+            "vae": sd_model.first_stage_model,
+        },
         model_name=model_name,
         model_hash=model_hash,
     )

@@ -17,10 +17,18 @@ from tests.support.tokenizer import write_clip_tokenizer
 
 TINY_UNET = {"model_channels": 32, "channel_mult": [1, 2], "num_res_blocks": 1, "attention_resolutions": [1, 2]}
 # The real SD1/SD2 block layout (4 levels, 2 res blocks, attention on levels 0-2) with tiny widths.
-LAYOUT_UNET = {"model_channels": 32, "channel_mult": [1, 1, 2, 2], "num_res_blocks": 2,
-               "attention_resolutions": [4, 2, 1]}
-FULL_UNET = {"model_channels": 320, "channel_mult": [1, 2, 4, 4], "num_res_blocks": 2,
-             "attention_resolutions": [4, 2, 1]}
+LAYOUT_UNET = {
+    "model_channels": 32,
+    "channel_mult": [1, 1, 2, 2],
+    "num_res_blocks": 2,
+    "attention_resolutions": [4, 2, 1],
+}
+FULL_UNET = {
+    "model_channels": 320,
+    "channel_mult": [1, 2, 4, 4],
+    "num_res_blocks": 2,
+    "attention_resolutions": [4, 2, 1],
+}
 
 TINY_VAE = {"ch": 32, "ch_mult": [1, 1, 1, 1], "num_res_blocks": 1, "resolution": 64}
 FULL_VAE = {"ch": 128, "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "resolution": 256}
@@ -46,10 +54,19 @@ def build_model(family: str, size: str, workdir: Path, seed: int = 0) -> torch.n
     config = {
         "target": "ldm.models.diffusion.ddpm.LatentDiffusion",
         "params": {
-            "linear_start": 0.00085, "linear_end": 0.0120, "num_timesteps_cond": 1, "log_every_t": 200,
-            "timesteps": 1000, "first_stage_key": "jpg", "cond_stage_key": "txt",
-            "image_size": spec["image"] // 8, "channels": 4, "cond_stage_trainable": False,
-            "conditioning_key": "crossattn", "scale_factor": 0.18215, "use_ema": False,
+            "linear_start": 0.00085,
+            "linear_end": 0.0120,
+            "num_timesteps_cond": 1,
+            "log_every_t": 200,
+            "timesteps": 1000,
+            "first_stage_key": "jpg",
+            "cond_stage_key": "txt",
+            "image_size": spec["image"] // 8,
+            "channels": 4,
+            "cond_stage_trainable": False,
+            "conditioning_key": "crossattn",
+            "scale_factor": 0.18215,
+            "use_ema": False,
             "parameterization": "eps" if family == "sd1" else "v",
             "unet_config": _unet_config(family, spec),
             "first_stage_config": _vae_config(spec),
@@ -74,9 +91,15 @@ def reinit_zero_weights(model: torch.nn.Module, seed: int) -> None:
 def _unet_config(family: str, spec: dict) -> dict:
     width = spec["width"]
     params = {
-        "image_size": spec["image"] // 8, "in_channels": 4, "out_channels": 4,
-        "use_spatial_transformer": True, "transformer_depth": 1, "context_dim": width,
-        "use_checkpoint": False, "legacy": False, **spec["unet"],
+        "image_size": spec["image"] // 8,
+        "in_channels": 4,
+        "out_channels": 4,
+        "use_spatial_transformer": True,
+        "transformer_depth": 1,
+        "context_dim": width,
+        "use_checkpoint": False,
+        "legacy": False,
+        **spec["unet"],
     }
     if family == "sd1":
         params["num_heads"] = 8 if width >= 768 else 2
@@ -86,10 +109,19 @@ def _unet_config(family: str, spec: dict) -> dict:
 
 
 def _vae_config(spec: dict) -> dict:
-    ddconfig = {"double_z": True, "z_channels": 4, "in_channels": 3, "out_ch": 3, "attn_resolutions": [],
-                "dropout": 0.0, **spec["vae"]}
-    return {"target": "ldm.models.autoencoder.AutoencoderKL",
-            "params": {"embed_dim": 4, "ddconfig": ddconfig, "lossconfig": {"target": "torch.nn.Identity"}}}
+    ddconfig = {
+        "double_z": True,
+        "z_channels": 4,
+        "in_channels": 3,
+        "out_ch": 3,
+        "attn_resolutions": [],
+        "dropout": 0.0,
+        **spec["vae"],
+    }
+    return {
+        "target": "ldm.models.autoencoder.AutoencoderKL",
+        "params": {"embed_dim": 4, "ddconfig": ddconfig, "lossconfig": {"target": "torch.nn.Identity"}},
+    }
 
 
 def _clip_config(spec: dict, workdir: Path) -> dict:
@@ -99,14 +131,23 @@ def _clip_config(spec: dict, workdir: Path) -> dict:
     if not (folder / "config.json").exists():
         write_clip_tokenizer(folder)
         text_config = CLIPTextConfig(
-            vocab_size=49408, hidden_size=spec["width"], intermediate_size=spec["width"] * 4,
-            projection_dim=spec["width"], num_hidden_layers=spec["layers"], num_attention_heads=spec["heads"],
-            max_position_embeddings=77, hidden_act="quick_gelu", bos_token_id=49406, eos_token_id=49407,
+            vocab_size=49408,
+            hidden_size=spec["width"],
+            intermediate_size=spec["width"] * 4,
+            projection_dim=spec["width"],
+            num_hidden_layers=spec["layers"],
+            num_attention_heads=spec["heads"],
+            max_position_embeddings=77,
+            hidden_act="quick_gelu",
+            bos_token_id=49406,
+            eos_token_id=49407,
             pad_token_id=1,
         )
         CLIPTextModel(text_config).save_pretrained(folder)
-    return {"target": "ldm.modules.encoders.modules.FrozenCLIPEmbedder",
-            "params": {"version": str(folder), "device": "cpu"}}
+    return {
+        "target": "ldm.modules.encoders.modules.FrozenCLIPEmbedder",
+        "params": {"version": str(folder), "device": "cpu"},
+    }
 
 
 def _openclip_config(spec: dict) -> dict:
@@ -116,8 +157,15 @@ def _openclip_config(spec: dict) -> dict:
     open_clip.factory._MODEL_CONFIGS[arch] = {
         "embed_dim": spec["width"],
         "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 16},
-        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": spec["width"], "heads": spec["heads"],
-                     "layers": spec["layers"]},
+        "text_cfg": {
+            "context_length": 77,
+            "vocab_size": 49408,
+            "width": spec["width"],
+            "heads": spec["heads"],
+            "layers": spec["layers"],
+        },
     }
-    return {"target": "ldm.modules.encoders.modules.FrozenOpenCLIPEmbedder",
-            "params": {"arch": arch, "version": None, "device": "cpu", "freeze": True, "layer": "penultimate"}}
+    return {
+        "target": "ldm.modules.encoders.modules.FrozenOpenCLIPEmbedder",
+        "params": {"arch": arch, "version": None, "device": "cpu", "freeze": True, "layer": "penultimate"},
+    }

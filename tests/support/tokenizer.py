@@ -11,7 +11,6 @@ import json
 from pathlib import Path
 
 
-
 def write_clip_tokenizer(folder: Path) -> Path:
     """Write the tokenizer files HF ``CLIPTokenizer.from_pretrained`` reads into ``folder``."""
     import open_clip.tokenizer as oc_tokenizer
@@ -27,8 +26,12 @@ def write_clip_tokenizer(folder: Path) -> Path:
     vocab += ["<|startoftext|>", "<|endoftext|>"]
     (folder / "vocab.json").write_text(json.dumps({tok: i for i, tok in enumerate(vocab)}), encoding="utf-8")
     (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
-    special = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
-               "pad_token": "<|endoftext|>"}
+    special = {
+        "bos_token": "<|startoftext|>",
+        "eos_token": "<|endoftext|>",
+        "unk_token": "<|endoftext|>",
+        "pad_token": "<|endoftext|>",
+    }
     (folder / "special_tokens_map.json").write_text(json.dumps(special), encoding="utf-8")
     config = {**special, "model_max_length": 77, "do_lower_case": True, "tokenizer_class": "CLIPTokenizer"}
     (folder / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")

@@ -1,0 +1,92 @@
+"""Learning check with a known answer: recover a hidden embedding from the frozen model's own outputs.
+
+Targets are the tiny model's predictions with hidden vectors v* at fixed (x_t, t); the real textual-inversion
+trainable, conditioning and training loop start from a different initialisation and must cut the loss on
+those targets by at least 100x within a few hundred CPU steps (SD1 eps-model and SD2 v-model).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lib_trainer.formats.embedding import EmbeddingFile
+from lib_trainer.loop.train import train
+from lib_trainer.methods.textual_inversion import (
+    EmbeddingTrainable,
+    OutputPaths,
+    TextualInversionConfig,
+    initial_vectors,
+)
+from lib_trainer.models.diffusion import add_noise
+
+STEPS = {"sd1": 300, "sd2": 500}
+REQUIRED_FACTOR = 100.0
+
+
+class FixedBatches:
+    """Always the same latents and prompts (the known-answer problem is deterministic)."""
+
+    def __init__(self, latents, prompts):
+        self.latents, self.prompts = latents, prompts
+
+    def next_batch(self):
+        return self.latents, self.prompts
+
+    def rng_state(self):
+        return {}
+
+    def set_rng_state(self, state):
+        pass
+
+
+class TeacherObjective:
+    """MSE to the frozen model's prediction with the hidden vectors, at fixed noisy latents and timesteps."""
+
+    def __init__(self, x_t, t, target):
+        self.x_t, self.t, self.target = x_t, t, target
+
+    def loss(self, parts, latents, cond, generator):
+        pred = parts.apply_model(self.x_t, self.t, cond)
+        return F.mse_loss(pred.float(), self.target, reduction="none").mean(dim=(1, 2, 3))
+
+
+@pytest.mark.slow
+def test_textual_inversion_recovers_a_hidden_embedding(family, parts, tmp_path):
+    gen = torch.Generator().manual_seed(1)
+    prompts = ["a photo of zqtoken", "zqtoken, a picture"]
+    x0 = torch.randn(2, 4, 8, 8, generator=gen)
+    noise = torch.randn(2, 4, 8, 8, generator=gen)
+    t = torch.tensor([250, 700])
+    x_t = add_noise(x0, noise, t, parts.alphas_cumprod)
+    hidden = torch.randn(2, parts.text_encoder.dim, generator=gen) * 0.05
+    with torch.no_grad():
+        target = parts.apply_model(x_t, t, parts.text_encoder.encode(prompts, {"zqtoken": hidden})).float()
+    objective = TeacherObjective(x_t, t, target)
+
+    config = TextualInversionConfig.from_dict(
+        {
+            "embedding": {"name": "zqtoken", "init_text": "cat dog", "num_vectors": 2},
+            "data": {"data_dir": str(tmp_path)},
+            "train": {
+                "steps": STEPS[family],
+                "learning_rate": "0.004",
+                "lr_schedule": "linear",
+                "save_every": 0,
+                "preview_every": 0,
+            },
+        }
+    )
+    start = EmbeddingFile(initial_vectors(parts, "cat dog", 2), 0, "zqtoken")
+    trainable = EmbeddingTrainable(config, parts, OutputPaths(tmp_path / "emb", tmp_path / "log"), start)
+
+    def loss_now() -> float:
+        with torch.no_grad():
+            return objective.loss(parts, x0, trainable.condition(parts, prompts), None).mean().item()
+
+    before = loss_now()
+    train(parts, trainable, FixedBatches(x0, prompts), objective, config.train)
+    after = loss_now()
+    print(f"{family}: loss {before:.3e} -> {after:.3e} ({before / after:.0f}x) in {STEPS[family]} steps")
+    assert before / after >= REQUIRED_FACTOR

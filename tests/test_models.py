@@ -1,0 +1,84 @@
+"""The ldm adapter, the diffusion targets against ldm's own, and the freeze/restore guard."""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+import torch
+
+from lib_trainer.errors import UnsupportedModelError
+from lib_trainer.models.diffusion import add_noise, target_for
+from lib_trainer.models.guard import frozen_host
+from lib_trainer.models.ldm import parts_from_ldm
+
+
+def test_family_prediction_and_schedule(family, sd_model, parts):
+    assert parts.family == family
+    assert parts.prediction == ("eps" if family == "sd1" else "v")
+    assert parts.alphas_cumprod.dtype == torch.float32
+    assert parts.num_timesteps == 1000
+    torch.testing.assert_close(parts.alphas_cumprod, sd_model.alphas_cumprod.float())
+
+
+def test_prefers_the_webuis_unmodified_schedule(sd1_model):
+    original = sd1_model.alphas_cumprod.clone()
+    sd1_model.alphas_cumprod_original = original
+    try:
+        sd1_model.alphas_cumprod = original.half()  # what the WebUI's schedule override may leave
+        assert torch.equal(parts_from_ldm(sd1_model).alphas_cumprod, original.float())
+    finally:
+        sd1_model.alphas_cumprod = original
+        del sd1_model.alphas_cumprod_original
+
+
+def test_noise_and_v_target_match_ldm(sd_model, parts):
+    x0, noise = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    t = torch.tensor([3, 900])
+    torch.testing.assert_close(add_noise(x0, noise, t, parts.alphas_cumprod), sd_model.q_sample(x0, t, noise))
+    if parts.prediction == "v":
+        torch.testing.assert_close(target_for("v", x0, noise, t, parts.alphas_cumprod), sd_model.get_v(x0, noise, t))
+
+
+def test_latents_match_ldm_encoding(sd_model, parts):
+    images = torch.rand(2, 3, 64, 64) * 2 - 1
+    mean, std = parts.latent_encoder.encode(images)
+    with torch.no_grad():
+        dist = sd_model.encode_first_stage(images)
+    torch.testing.assert_close(mean * parts.latent_encoder.scale_factor, dist.mean * sd_model.scale_factor)
+    torch.testing.assert_close(std, dist.std)
+
+
+def test_sdxl_is_refused_clearly():
+    sdxl = types.SimpleNamespace(conditioner=object(), is_sdxl=True)
+    with pytest.raises(UnsupportedModelError, match=r"SDXL.*SD1\.x or SD2\.x"):
+        parts_from_ldm(sdxl)
+
+
+def test_inpainting_model_is_refused(sd1_model):
+    sd1_model.model.conditioning_key = "hybrid"
+    try:
+        with pytest.raises(UnsupportedModelError, match="inpainting"):
+            parts_from_ldm(sd1_model)
+    finally:
+        sd1_model.model.conditioning_key = "crossattn"
+
+
+def test_frozen_host_restores_flags_modes_and_devices_even_on_error():
+    net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Dropout())
+    net[0].bias.requires_grad_(False)
+    net.train()
+    seen = []
+
+    def fail_inside():
+        with frozen_host([net]):
+            seen.append((net.training, any(p.requires_grad for p in net.parameters())))
+            raise ValueError("inside")
+
+    with pytest.raises(ValueError, match="inside"):
+        fail_inside()
+    assert seen == [(False, False)]
+    assert net.training
+    assert net[1].training
+    assert net[0].weight.requires_grad
+    assert not net[0].bias.requires_grad
