@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# The test command: builds (once) a virtual environment with the pinned CPU test stack, then runs
+# ruff and pytest. Usage: bash tests/run.sh [pytest args]. TRAINER_TEST_VENV picks the venv folder.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV="${TRAINER_TEST_VENV:-.venv-test}"
+PY="${PYTHON:-python3}"
+
+if [ ! -x "$VENV/bin/python" ]; then
+  "$PY" -m venv "$VENV"
+fi
+PIP=("$VENV/bin/python" -m pip install --quiet --disable-pip-version-check)
+if ! "$VENV/bin/python" -c "import torch, ldm, open_clip, transformers, pytest" 2>/dev/null; then
+  echo "== installing the test stack into $VENV (CPU torch first, then the pinned packages)"
+  "${PIP[@]}" "setuptools==80.9.0"
+  # CPU torch: a plain 'torch' requirement would pull the CUDA build (GBs). An already installed torch >= 2.1 is kept.
+  "$VENV/bin/python" -c "import torch" 2>/dev/null || "${PIP[@]}" "torch==2.13.0" ${TRAINER_TORCH_INDEX:+--index-url "$TRAINER_TORCH_INDEX"}
+  "${PIP[@]}" -c tests/constraints.txt -r tests/requirements.txt
+  # ldm, the classes the WebUI runs for SD1/SD2; its own requirement pins are ancient, hence --no-deps.
+  "${PIP[@]}" --no-deps "stable-diffusion-sdkit==2.1.5"
+fi
+
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONDONTWRITEBYTECODE=1
+"$VENV/bin/python" -m ruff check .
+"$VENV/bin/python" -m ruff format --check .
+"$VENV/bin/python" -m pytest "$@"
