@@ -1,0 +1,148 @@
+"""Step time and peak memory per training method, on the device at hand. Prints a table; asserts nothing.
+
+CPU: the tiny test models. CUDA: also SD1.5- and SD2.1-sized models with random weights built from configs
+(no downloads), in fp16 storage like the WebUI's default, trained under autocast.
+
+    python bench/step_time.py [--steps 20] [--sizes tiny,full] [--device cuda]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from tests.support.stack import prepare_stack  # noqa: E402
+
+prepare_stack(threads=2)
+
+import torch  # noqa: E402
+
+from lib_trainer.config import build  # noqa: E402
+from lib_trainer.formats.embedding import EmbeddingFile  # noqa: E402
+from lib_trainer.loop.hooks import TrainingHooks  # noqa: E402
+from lib_trainer.loop.train import train  # noqa: E402
+from lib_trainer.methods.textual_inversion import (  # noqa: E402
+    EmbeddingTrainable,
+    OutputPaths,
+    TextualInversionConfig,
+    initial_vectors,
+)
+from lib_trainer.models.diffusion import DiffusionObjective  # noqa: E402
+from lib_trainer.models.ldm import parts_from_ldm  # noqa: E402
+from tests.support.models import SIZES, build_model  # noqa: E402
+
+
+class RandomLatents:
+    """Batches of random latents with a fixed prompt (timing only; data loading is not measured)."""
+
+    def __init__(self, batch: int, side: int):
+        self.shape, self.prompts = (batch, 4, side, side), ["a photo of zqtoken, red, blue"] * batch
+
+    def next_batch(self):
+        return torch.randn(self.shape), self.prompts
+
+    def rng_state(self):
+        return {}
+
+    def set_rng_state(self, state):
+        pass
+
+
+class StepClock(TrainingHooks):
+    """Timestamps of every optimizer step (CUDA synchronised)."""
+
+    def __init__(self):
+        self.times: list[float] = []
+
+    def on_progress(self, progress):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self.times.append(time.perf_counter())
+
+
+def bench_textual_inversion(
+    model, side: int, batch: int, steps: int, precision: str, workdir: Path
+) -> tuple[float, float]:
+    """Milliseconds per step (median after warm-up) and peak memory in MiB for textual inversion."""
+    parts = parts_from_ldm(model)
+    config = build(
+        TextualInversionConfig,
+        {
+            "embedding": {"name": "zqtoken", "num_vectors": 4, "init_text": "cat"},
+            "data": {"data_dir": str(workdir)},
+            "train": {
+                "steps": steps,
+                "batch_size": batch,
+                "mixed_precision": precision,
+                "save_every": 0,
+                "preview_every": 0,
+            },
+        },
+    )
+    start = EmbeddingFile(initial_vectors(parts, "cat", 4), 0, "zqtoken")
+    trainable = EmbeddingTrainable(config, parts, OutputPaths(workdir / "emb", workdir / "log"), start)
+    trainable.save = lambda step, resume: []  # timing only
+    clock = StepClock()
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    train(parts, trainable, RandomLatents(batch, side), DiffusionObjective(), config.train, clock)
+    deltas = sorted(b - a for a, b in zip(clock.times[2:], clock.times[3:], strict=False))
+    ms = 1000 * deltas[len(deltas) // 2]
+    if torch.cuda.is_available():
+        return ms, torch.cuda.max_memory_allocated() / 2**20
+    return ms, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--sizes", default="tiny,full" if torch.cuda.is_available() else "tiny")
+    parser.add_argument("--batch", type=int, default=1)
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    memory = "peak CUDA MiB" if device.type == "cuda" else "peak RSS MiB (process)"
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for size in args.sizes.split(","):
+            for family in ("sd1", "sd2"):
+                side = SIZES[size]["image"]
+                with contextlib.redirect_stdout(sys.stderr):  # ldm prints while building
+                    model = build_model(family, size, Path(tmp))
+                    precision = "no"
+                    if device.type == "cuda":
+                        model = model.half().to(device)  # the WebUI's default storage
+                        precision = "auto"
+                    ms, mib = bench_textual_inversion(model, side // 8, args.batch, args.steps, precision, Path(tmp))
+                rows.append(
+                    (
+                        "textual_inversion",
+                        family,
+                        size,
+                        f"{side}px",
+                        str(device),
+                        precision,
+                        args.batch,
+                        f"{ms:.1f}",
+                        f"{mib:.0f}",
+                    )
+                )
+                del model
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+    header = ("method", "model", "size", "image", "device", "precision", "batch", "ms/step", memory)
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    for row in [header, tuple("-" * w for w in widths), *rows]:
+        print("  ".join(str(v).ljust(w) for v, w in zip(row, widths, strict=True)))
+
+
+if __name__ == "__main__":
+    main()
