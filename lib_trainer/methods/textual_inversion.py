@@ -30,6 +30,7 @@ from lib_trainer.formats.embedding import (
 from lib_trainer.formats.files import check_name, is_inside, path_in
 from lib_trainer.loop.checkpoint import ResumeState, load_sidecar, save_sidecar, tensors_checksum
 from lib_trainer.loop.hooks import TrainingHooks
+from lib_trainer.loop.precision import resolve_precision
 from lib_trainer.loop.train import LossLog, Objective, TrainResult, train
 from lib_trainer.models.diffusion import DiffusionObjective
 from lib_trainer.models.parts import ModelParts
@@ -184,6 +185,7 @@ def prepare(config: TextualInversionConfig, parts: ModelParts, paths: OutputPath
             f"the log folder {paths.log_dir} is inside the embeddings folder {paths.embeddings_dir}; "
             "numbered copies there would all load as embeddings. Choose a log folder outside it"
         )
+    resolve_precision(config.train.mixed_precision, parts.device)
     samples, template = load_training_set(config.data)
     if not any("[name]" in line for line in template) and not any(
         config.embedding.name.lower() in (s.caption or "").lower() for s in samples
