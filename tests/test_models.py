@@ -82,3 +82,42 @@ def test_frozen_host_restores_flags_modes_and_devices_even_on_error():
     assert net[1].training
     assert net[0].weight.requires_grad
     assert not net[0].bias.requires_grad
+
+
+class EmbeddingsWithFixesStandIn(torch.nn.Module):
+    """The WebUI's hijack shape: the token embedding wrapped in a module whose ``.wrapped`` is the nn.Embedding."""
+
+    def __init__(self, wrapped):
+        super().__init__()
+        self.wrapped = wrapped
+
+    def forward(self, input_ids):
+        return self.wrapped(input_ids)
+
+
+class CustomWordsStandIn(torch.nn.Module):
+    """The WebUI's ``FrozenCLIPEmbedderWithCustomWords`` shape: ``.wrapped`` is the ldm embedder."""
+
+    def __init__(self, wrapped):
+        super().__init__()
+        self.wrapped = wrapped
+
+
+def test_adapter_sees_through_the_webuis_wrappers(sd_model, family):
+    embedder = sd_model.cond_stage_model
+    holder = embedder.transformer.text_model.embeddings if family == "sd1" else embedder.model
+    original = holder.token_embedding
+    with torch.no_grad():
+        expected = parts_from_ldm(sd_model).text_encoder.encode(["a photo of zq"], {"zq": torch.ones(2, 32)})
+    holder.token_embedding = EmbeddingsWithFixesStandIn(original)
+    sd_model.cond_stage_model = CustomWordsStandIn(embedder)
+    try:
+        parts = parts_from_ldm(sd_model)
+        with torch.no_grad():
+            got = parts.text_encoder.encode(["a photo of zq"], {"zq": torch.ones(2, 32)})
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+        assert parts.host_modules["text_encoder"] is sd_model.cond_stage_model
+        assert torch.equal(parts.text_encoder.token_vectors([320])[0], original.weight[320])
+    finally:
+        sd_model.cond_stage_model = embedder
+        holder.token_embedding = original
