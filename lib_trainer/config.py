@@ -33,12 +33,15 @@ def build(cls: type[T], data: dict[str, Any] | None, path: str = "") -> T:
     if unknown:
         raise ConfigError(
             f"unknown setting(s) {', '.join(_join(path, k) for k in unknown)}; "
-            f"valid settings here are: {', '.join(sorted(fields))}"
+            f"valid settings here are: {', '.join(sorted(fields))}",
+            field=_join(path, unknown[0]),
         )
     kwargs = {name: _coerce(hints[name], value, _join(path, name)) for name, value in data.items()}
     missing = [n for n, f in fields.items() if n not in kwargs and _has_no_default(f)]
     if missing:
-        raise ConfigError(f"missing required setting(s): {', '.join(_join(path, m) for m in missing)}")
+        raise ConfigError(
+            f"missing required setting(s): {', '.join(_join(path, m) for m in missing)}", field=_join(path, missing[0])
+        )
     return cls(**kwargs)
 
 
@@ -76,14 +79,14 @@ def check_range(field: str, value: float, low: float | None, high: float | None,
             if low is not None and high is not None
             else (f"at least {low}" if low is not None else f"at most {high}")
         )
-        raise ConfigError(f"{field} must be {bounds}, but is {value!r}" + (f"; {hint}" if hint else ""))
+        raise ConfigError(f"{field} must be {bounds}, but is {value!r}" + (f"; {hint}" if hint else ""), field=field)
 
 
 def check_choice(field: str, value: str, choices: typing.Iterable[str]) -> None:
     """Raise a ConfigError naming ``field`` when ``value`` is not one of ``choices``."""
     choices = list(choices)
     if value not in choices:
-        raise ConfigError(f"{field} must be one of {', '.join(choices)}, but is {value!r}")
+        raise ConfigError(f"{field} must be one of {', '.join(choices)}, but is {value!r}", field=field)
 
 
 def _join(path: str, name: str) -> str:
@@ -105,13 +108,13 @@ def _coerce(hint: Any, value: Any, path: str) -> Any:
     if origin is Literal:
         choices = get_args(hint)
         if value not in choices:
-            raise ConfigError(f"{path} must be one of {', '.join(map(repr, choices))}, but is {value!r}")
+            raise ConfigError(f"{path} must be one of {', '.join(map(repr, choices))}, but is {value!r}", field=path)
         return value
     if dataclasses.is_dataclass(hint):
         if dataclasses.is_dataclass(value):
             return value
         if not isinstance(value, dict):
-            raise ConfigError(f"{path} must be an object (a dict), but is {type(value).__name__}")
+            raise ConfigError(f"{path} must be an object (a dict), but is {type(value).__name__}", field=path)
         return build(hint, value, path)
     return _coerce_scalar(hint, value, path)
 
@@ -133,7 +136,7 @@ def _coerce_scalar(hint: Any, value: Any, path: str) -> Any:
             return value
     else:
         return value
-    raise ConfigError(f"{path} must be of type {hint.__name__}, but is {value!r} ({type(value).__name__})")
+    raise ConfigError(f"{path} must be of type {hint.__name__}, but is {value!r} ({type(value).__name__})", field=path)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,12 +156,17 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         if not self.data_dir.strip():
-            raise ConfigError("data.data_dir is empty; give the folder that holds the training images")
+            raise ConfigError(
+                "data.data_dir is empty; give the folder that holds the training images", field="data.data_dir"
+            )
         for name in ("width", "height"):
             value = getattr(self, name)
             check_range(f"data.{name}", value, 64, 4096)
             if value % 64:
-                raise ConfigError(f"data.{name} must be a multiple of 64, but is {value}; try {round(value / 64) * 64}")
+                raise ConfigError(
+                    f"data.{name} must be a multiple of 64, but is {value}; try {round(value / 64) * 64}",
+                    field=f"data.{name}",
+                )
         if not self.caption_extension.startswith(".") or len(self.caption_extension) < 2:
             raise ConfigError(
                 f"data.caption_extension must start with a dot, like '.txt', but is {self.caption_extension!r}"
@@ -203,5 +211,6 @@ class TrainConfig:
         if len(segments) > 1 and self.lr_schedule != "constant":
             raise ConfigError(
                 f"train.learning_rate {self.learning_rate!r} is a stepped schedule, which already decides the rate "
-                f"at every step; set train.lr_schedule to 'constant' (it is {self.lr_schedule!r}) or give one number"
+                f"at every step; set train.lr_schedule to 'constant' (it is {self.lr_schedule!r}) or give one number",
+                field="train.lr_schedule",
             )

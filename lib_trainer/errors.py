@@ -2,7 +2,14 @@
 
 
 class TrainerError(Exception):
-    """Base of every error the trainer reports to a user (the glue shows the message as is)."""
+    """Base of every error the trainer reports to a user (the glue shows the message as is).
+
+    ``field`` names the setting at fault (``"train.steps"``) when there is one; the API reports it.
+    """
+
+    def __init__(self, message: str, field: str | None = None):
+        super().__init__(message)
+        self.field = field
 
 
 class ConfigError(TrainerError):

@@ -22,7 +22,8 @@ def load_template(template: str) -> list[str]:
     if template not in builtin_templates() and not (path.suffix == ".txt" and path.is_file()):
         raise ConfigError(
             f"template {template!r} is neither a built-in template ({', '.join(builtin_templates())}) "
-            "nor an existing .txt file; pick one of those names or give the path of a template file"
+            "nor an existing .txt file; pick one of those names or give the path of a template file",
+            field="data.template",
         )
     try:
         lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]

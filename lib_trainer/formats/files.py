@@ -16,7 +16,7 @@ MAX_NAME = 100
 def check_name(name: str, field: str) -> str:
     """Validate a user-chosen file/prompt name: no path parts, no characters Windows or prompts choke on."""
     if not isinstance(name, str) or not name.strip():
-        raise ConfigError(f"{field} is empty; give a name such as 'my-subject'")
+        raise ConfigError(f"{field} is empty; give a name such as 'my-subject'", field=field)
     bad = sorted({c for c in name if c in _FORBIDDEN})
     if bad:
         shown = ", ".join(repr(c) for c in bad)
@@ -25,9 +25,9 @@ def check_name(name: str, field: str) -> str:
             "(names may not contain path separators or commas)"
         )
     if name != name.strip() or name.startswith(".") or name.endswith("."):
-        raise ConfigError(f"{field} {name!r} may not start or end with a space or a dot")
+        raise ConfigError(f"{field} {name!r} may not start or end with a space or a dot", field=field)
     if len(name) > MAX_NAME:
-        raise ConfigError(f"{field} is {len(name)} characters long; use at most {MAX_NAME}")
+        raise ConfigError(f"{field} is {len(name)} characters long; use at most {MAX_NAME}", field=field)
     return name
 
 

@@ -22,14 +22,22 @@ def parse_learning_rate(text: str) -> list[tuple[float, int | None]]:
         except ValueError:
             raise ConfigError(
                 f"train.learning_rate {text!r}: {part!r} is not 'rate' or 'rate:step'; "
-                "write for example '0.005' or '0.005:100, 1e-3:1000, 1e-5'"
+                "write for example '0.005' or '0.005:100, 1e-3:1000, 1e-5'",
+                field="train.learning_rate",
             ) from None
         if not (rate > 0 and math.isfinite(rate)):
-            raise ConfigError(f"train.learning_rate {text!r}: the rate {rate_text.strip()!r} must be a positive number")
+            raise ConfigError(
+                f"train.learning_rate {text!r}: the rate {rate_text.strip()!r} must be a positive number",
+                field="train.learning_rate",
+            )
         if step is None and i != len(parts) - 1:
-            raise ConfigError(f"train.learning_rate {text!r}: only the last rate may omit ':step'")
+            raise ConfigError(
+                f"train.learning_rate {text!r}: only the last rate may omit ':step'", field="train.learning_rate"
+            )
         if step is not None and (step < 1 or (segments and segments[-1][1] is not None and step <= segments[-1][1])):
-            raise ConfigError(f"train.learning_rate {text!r}: steps must be positive and increasing")
+            raise ConfigError(
+                f"train.learning_rate {text!r}: steps must be positive and increasing", field="train.learning_rate"
+            )
         segments.append((rate, step))
     return segments
 

@@ -124,7 +124,7 @@ def _check_name_free(embeddings_dir: Path, name: str, allow: Path | None) -> Non
     taken = [p for p in _files_named(embeddings_dir, name) if allow is None or p.resolve() != allow.resolve()]
     if taken:
         hint = "choose another name" + ("" if allow else ", or turn on overwrite")
-        raise ConfigError(f"embedding.name {name!r} is already used by {taken[0]}; {hint}")
+        raise ConfigError(f"embedding.name {name!r} is already used by {taken[0]}; {hint}", field="embedding.name")
 
 
 def _files_named(folder: Path, name: str) -> list[Path]:
@@ -211,7 +211,10 @@ def _starting_point(
     _check_name_free(paths.embeddings_dir, emb.name, allow=main)
     source = Path(config.resume_from).expanduser() if config.resume_from else main
     if config.resume_from and not source.is_file():
-        raise ConfigError(f"resume_from {config.resume_from!r} is not an existing file; give an embedding file path")
+        raise ConfigError(
+            f"resume_from {config.resume_from!r} is not an existing file; give an embedding file path",
+            field="resume_from",
+        )
     if config.resume_from and source.resolve() != main.resolve() and main.exists() and not emb.overwrite:
         raise ConfigError(f"{main} already exists; turn on embedding.overwrite to replace it with the resumed run")
     if source.is_file() and not (source == main and emb.overwrite):

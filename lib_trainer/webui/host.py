@@ -1,0 +1,183 @@
+"""Everything the extension touches in the WebUI (AUTOMATIC1111 1.7-1.10), in one file.
+
+The host surface used here, kept honest by tests/test_webui_real.py against a real WebUI checkout:
+    modules.shared: sd_model, state (begin/end/interrupt, job, job_no, job_count, textinfo, interrupted,
+        assign_current_image), opts.CLIP_stop_at_last_layers, cmd_opts (embeddings_dir, hypernetwork_dir,
+        lora_dir, lowvram, medvram), reload_hypernetworks()
+    modules.paths_internal.data_path
+    modules.call_queue.queue_lock
+    modules.sd_hijack.model_hijack.embedding_db: load_textual_inversion_embeddings(force_reload),
+        register_embedding_by_name(embedding, model, name)
+    modules.textual_inversion.textual_inversion.create_embedding_from_data(data, name)
+    modules.processing: StableDiffusionProcessing.cached_c/cached_uc, StableDiffusionProcessingTxt2Img,
+        process_images
+    modules.sd_samplers.samplers_map
+    sys.modules["networks"].loaded_networks (the built-in Lora extension, when loaded)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import html
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from modules import call_queue, paths_internal, processing, sd_hijack, sd_samplers, shared
+from modules.textual_inversion import textual_inversion as host_ti
+
+from lib_trainer.errors import ConfigError, UnsupportedModelError
+from lib_trainer.loop.hooks import Progress
+from lib_trainer.models.ldm import parts_from_ldm
+from lib_trainer.models.parts import ModelParts
+
+
+@dataclass(frozen=True)
+class Folders:
+    """Folders the WebUI is configured with (command-line options)."""
+
+    embeddings: Path
+    hypernetworks: Path
+    lora: Path
+    logs: Path
+
+
+def folders() -> Folders:
+    """The host's model folders and our log folder (``<data>/trainer``, beside the WebUI's textual_inversion)."""
+    opts = shared.cmd_opts
+    data = Path(paths_internal.data_path)
+    lora = getattr(opts, "lora_dir", None) or data / "models" / "Lora"
+    return Folders(Path(opts.embeddings_dir), Path(opts.hypernetwork_dir), Path(lora), data / "trainer")
+
+
+def model_label() -> str:
+    """A short description of the loaded model for the tab ("SD1 (eps) - name")."""
+    model = shared.sd_model
+    info = getattr(model, "sd_checkpoint_info", None)
+    name = getattr(info, "name_for_extra", None) or getattr(info, "model_name", "?")
+    if hasattr(model, "forge_objects"):
+        return f"Forge model (not supported yet) - {name}"
+    if getattr(model, "is_sdxl", False):
+        return f"SDXL (not supported yet) - {name}"
+    family = "SD2" if getattr(model, "is_sd2", False) else "SD1"
+    return f"{family} ({getattr(model, 'parameterization', '?')}-prediction) - {name}"
+
+
+def model_parts(clip_skip: int | None = None) -> ModelParts:
+    """ModelParts over the loaded ``shared.sd_model``; refuses what cannot be trained with a clear message."""
+    model = shared.sd_model
+    if model is None:
+        raise UnsupportedModelError("no model is loaded; pick a checkpoint in the WebUI first")
+    if hasattr(model, "forge_objects"):
+        raise UnsupportedModelError("this is a Forge model; the trainer supports the AUTOMATIC1111 WebUI 1.7-1.10")
+    if getattr(shared.cmd_opts, "lowvram", False) or getattr(shared.cmd_opts, "medvram", False):
+        raise ConfigError(
+            "training does not work with --lowvram/--medvram (parts of the model stay on the CPU); "
+            "restart the WebUI without them to train"
+        )
+    skip = clip_skip if clip_skip is not None else int(getattr(shared.opts, "CLIP_stop_at_last_layers", 1))
+    info = getattr(model, "sd_checkpoint_info", None)
+    return parts_from_ldm(
+        model, clip_skip=skip, model_name=getattr(info, "model_name", None), model_hash=getattr(info, "shorthash", None)
+    )
+
+
+def queue_lock() -> contextlib.AbstractContextManager:
+    """The WebUI's global FIFO lock: while held, no generation runs (and we wait for running ones)."""
+    return call_queue.queue_lock
+
+
+def clear_merged_networks() -> None:
+    """Unmerge LoRAs the built-in Lora extension left in the weights after a generation."""
+    networks = sys.modules.get("networks")
+    loaded = getattr(networks, "loaded_networks", None)
+    if loaded:
+        loaded.clear()
+        with contextlib.suppress(Exception):  # one forward with no networks restores the backed-up weights
+            shared.sd_model.cond_stage_model([""])
+
+
+def reset_conditioning_cache() -> None:
+    """Forget cached prompt conditioning (its key ignores embedding contents)."""
+    processing.StableDiffusionProcessing.cached_c = [None, None]
+    processing.StableDiffusionProcessing.cached_uc = [None, None]
+
+
+def refresh_embeddings() -> None:
+    """Reload the embeddings folder so a new or retrained embedding shows up without a restart."""
+    reset_conditioning_cache()
+    sd_hijack.model_hijack.embedding_db.load_textual_inversion_embeddings(force_reload=True)
+
+
+@contextlib.contextmanager
+def job_state(title: str, total_steps: int) -> Iterator[None]:
+    """Show the run in the WebUI's progress state (like its own training); clear the flags afterwards."""
+    state = shared.state
+    state.begin(job=title)
+    state.job_count = total_steps
+    state.textinfo = f"{html.escape(title)}: preparing..."
+    try:
+        yield
+    finally:
+        state.end()
+        state.interrupted = False
+        state.skipped = False
+        if hasattr(state, "stopping_generation"):
+            state.stopping_generation = False
+
+
+def report_progress(progress: Progress, name: str) -> None:
+    """Step, loss, rate and ETA into ``shared.state`` (read by the WebUI's progress API)."""
+    state = shared.state
+    state.job_no = progress.step
+    state.job_count = progress.total_steps
+    state.textinfo = (
+        f"Training {html.escape(name)}: step {progress.step}/{progress.total_steps}, "
+        f"loss {progress.loss:.5f}, {progress.steps_per_s:.2f} it/s, ETA {progress.eta_s:.0f}s"
+    )
+
+
+def interrupted() -> bool:
+    """Whether the user pressed the WebUI's Interrupt (or called /sdapi/v1/interrupt)."""
+    return bool(shared.state.interrupted)
+
+
+def show_image(image: Any) -> None:
+    """Put a preview into the WebUI's live-preview slot."""
+    shared.state.assign_current_image(image)
+
+
+def register_embedding(name: str, vectors: Any) -> None:
+    """Make the current vectors usable as ``name`` in prompts (for previews), replacing a loaded one."""
+    embedding = host_ti.create_embedding_from_data({"emb_params": vectors.detach().float().cpu()}, name)
+    sd_hijack.model_hijack.embedding_db.register_embedding_by_name(embedding, shared.sd_model, name)
+    reset_conditioning_cache()
+
+
+def sampler_names() -> list[str]:
+    """Sampler names the host knows (for the preview settings)."""
+    return sorted({s.name for s in getattr(sd_samplers, "all_samplers", [])}) or ["Euler a"]
+
+
+def render_txt2img(settings: dict[str, Any]) -> list[Any]:
+    """Render with the host's own txt2img (samplers, embeddings, options as the user has them)."""
+    p = processing.StableDiffusionProcessingTxt2Img(
+        sd_model=shared.sd_model, do_not_save_grid=True, do_not_save_samples=True, do_not_reload_embeddings=True
+    )
+    p.prompt = settings["prompt"]
+    p.negative_prompt = settings.get("negative_prompt", "")
+    p.steps = settings.get("steps", 20)
+    sampler = settings.get("sampler", "Euler a")
+    p.sampler_name = sd_samplers.samplers_map.get(sampler.lower(), sampler)
+    p.cfg_scale = settings.get("cfg_scale", 7.0)
+    p.seed = settings.get("seed", -1)
+    p.width, p.height = settings.get("width", 512), settings.get("height", 512)
+    job_no, job_count = shared.state.job_no, shared.state.job_count
+    try:
+        with contextlib.closing(p):
+            processed = processing.process_images(p)
+    finally:
+        shared.state.job_no, shared.state.job_count = job_no, job_count  # process_images advances the job counter
+    return list(processed.images)

@@ -1,0 +1,190 @@
+"""Training jobs: a FIFO worker thread runs them one after another under the host's queue lock.
+
+The tab and the REST API submit the same jobs. Each job's record (state, step, loss history, ETA, saved
+files, previews, error) is what ``GET /trainer/v1/jobs/{id}`` returns and what the tab polls. ``host`` is
+the host-glue module (lib_trainer.webui.host in the WebUI; a fake in tests).
+"""
+
+from __future__ import annotations
+
+import io
+import itertools
+import queue
+import threading
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from lib_trainer.errors import TrainerError
+from lib_trainer.loop.hooks import Progress, TrainingHooks
+from lib_trainer.methods import textual_inversion as ti
+
+METHODS = ("textual_inversion",)
+MAX_PREVIEWS = 32
+
+
+@dataclass
+class Job:
+    """One submitted run and everything a client may ask about it."""
+
+    id: str
+    method: str
+    config: Any
+    preview: dict[str, Any] | None = None
+    state: str = "queued"  # queued -> running -> done | interrupted | failed | cancelled
+    step: int = 0
+    total_steps: int = 0
+    loss: float | None = None
+    learning_rate: float | None = None
+    eta_s: float | None = None
+    steps_per_s: float | None = None
+    history: list[dict[str, float]] = field(default_factory=list)
+    saved: list[dict[str, Any]] = field(default_factory=list)
+    previews: list[tuple[int, bytes]] = field(default_factory=list)
+    error: str | None = None
+    created_at: float = field(default_factory=time.time)
+    cancel_requested: bool = False
+    save_requested: bool = False
+
+    def summary(self, since: int = 0) -> dict[str, Any]:
+        """JSON view; ``since`` limits the loss history to steps after it."""
+        return {
+            "id": self.id,
+            "method": self.method,
+            "state": self.state,
+            "step": self.step,
+            "total_steps": self.total_steps,
+            "loss": self.loss,
+            "learning_rate": self.learning_rate,
+            "eta_s": self.eta_s,
+            "steps_per_s": self.steps_per_s,
+            "history": [h for h in self.history if h["step"] > since],
+            "saved": list(self.saved),
+            "error": self.error,
+            "created_at": self.created_at,
+            "previews": [{"index": i, "step": step} for i, (step, _) in enumerate(self.previews)],
+            "name": getattr(getattr(self.config, "embedding", None), "name", None),
+        }
+
+
+class JobHooks(TrainingHooks):
+    """Bridges the training loop to a Job record and to the host's progress/interrupt state."""
+
+    def __init__(self, job: Job, host: ModuleType, name: str):
+        self.job, self.host, self.name = job, host, name
+
+    def on_start(self, total_steps: int, start_step: int) -> None:
+        self.job.total_steps, self.job.step = total_steps, start_step
+
+    def on_progress(self, progress: Progress) -> None:
+        job = self.job
+        job.step, job.loss, job.learning_rate = progress.step, progress.loss, progress.learning_rate
+        job.eta_s, job.steps_per_s = progress.eta_s, progress.steps_per_s
+        job.history.append({"step": progress.step, "loss": progress.loss, "learning_rate": progress.learning_rate})
+        self.host.report_progress(progress, self.name)
+
+    def should_stop(self) -> bool:
+        return self.job.cancel_requested or self.host.interrupted()
+
+    def should_save(self) -> bool:
+        requested, self.job.save_requested = self.job.save_requested, False
+        return requested
+
+    def on_saved(self, path: Path, step: int) -> None:
+        self.job.saved.append({"path": str(path), "step": step})
+
+    def on_preview(self, step: int, state: Any) -> None:
+        if not self.job.preview or not self.job.preview.get("enabled", True):
+            return
+        self.host.register_embedding(self.name, state.parameters()[0])
+        settings = {**self.job.preview, "prompt": self.job.preview.get("prompt") or self.name}
+        settings["prompt"] = settings["prompt"].replace("[name]", self.name)
+        for image in self.host.render_txt2img(settings):
+            buffer = io.BytesIO()
+            image.save(buffer, format="PNG")
+            self.job.previews.append((step, buffer.getvalue()))
+            self.host.show_image(image)
+        del self.job.previews[:-MAX_PREVIEWS]
+
+
+class JobManager:
+    """Queue of jobs run one at a time by a daemon worker thread (started on first submit)."""
+
+    def __init__(self, host: ModuleType):
+        self.host = host
+        self.jobs: dict[str, Job] = {}
+        self.pending: queue.Queue[Job] = queue.Queue()
+        self._ids = itertools.count(1)
+        self._worker: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def submit(self, method: str, config: dict[str, Any], preview: dict[str, Any] | None = None) -> Job:
+        """Validate ``config`` for ``method`` (TrainerError when invalid) and queue a job; returns at once."""
+        if method not in METHODS:
+            raise TrainerError(f"method {method!r} is unknown; valid methods: {', '.join(METHODS)}")
+        parsed = ti.TextualInversionConfig.from_dict(config)
+        with self._lock:
+            job = Job(id=f"{int(time.time())}-{next(self._ids)}", method=method, config=parsed, preview=preview)
+            self.jobs[job.id] = job
+            self.pending.put(job)
+            if self._worker is None or not self._worker.is_alive():
+                self._worker = threading.Thread(target=self._work, name="trainer-jobs", daemon=True)
+                self._worker.start()
+        return job
+
+    def get(self, job_id: str) -> Job | None:
+        """The job with ``job_id``, if any."""
+        return self.jobs.get(job_id)
+
+    def cancel(self, job_id: str) -> Job | None:
+        """Ask a job to stop (a running one saves its work first); a queued one never starts."""
+        job = self.jobs.get(job_id)
+        if job is not None:
+            job.cancel_requested = True
+        return job
+
+    def wait(self, job_id: str, timeout: float = 60.0) -> Job:
+        """Block until the job has ended (tests, scripts)."""
+        deadline = time.monotonic() + timeout
+        job = self.jobs[job_id]
+        while job.state in ("queued", "running") and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return job
+
+    def _work(self) -> None:
+        while True:
+            try:
+                job = self.pending.get(timeout=5.0)
+            except queue.Empty:
+                return
+            self.run(job)
+
+    def run(self, job: Job) -> None:
+        """Run one job under the host's queue lock; record the outcome, never raise."""
+        if job.cancel_requested:
+            job.state = "cancelled"
+            return
+        name = job.config.embedding.name
+        with self.host.queue_lock(), self.host.job_state(f"trainer: {name}", job.config.train.steps):
+            job.state = "running"
+            try:
+                result = self._train(job, name)
+                job.state = "interrupted" if result.stopped else "done"
+            except TrainerError as exc:
+                job.state, job.error = "failed", str(exc)
+            except Exception as exc:  # a bug or a CUDA error: keep the server alive, report it on the job
+                job.state, job.error = "failed", f"{type(exc).__name__}: {exc}"
+                traceback.print_exc()
+            finally:
+                self.host.refresh_embeddings()
+
+    def _train(self, job: Job, name: str):
+        host = self.host
+        host.clear_merged_networks()
+        parts = host.model_parts(job.config.train.clip_skip)
+        folders = host.folders()
+        paths = ti.OutputPaths(folders.embeddings, folders.logs / "textual_inversion")
+        return ti.train_embedding(job.config, parts, paths, JobHooks(job, host, name))
