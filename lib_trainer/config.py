@@ -169,7 +169,8 @@ class DataConfig:
                 )
         if not self.caption_extension.startswith(".") or len(self.caption_extension) < 2:
             raise ConfigError(
-                f"data.caption_extension must start with a dot, like '.txt', but is {self.caption_extension!r}"
+                f"data.caption_extension must start with a dot, like '.txt', but is {self.caption_extension!r}",
+                field="data.caption_extension",
             )
         check_range("data.keep_tags", self.keep_tags, 0, None)
         check_range("data.tag_dropout", self.tag_dropout, 0.0, 0.95)
@@ -214,3 +215,41 @@ class TrainConfig:
                 f"at every step; set train.lr_schedule to 'constant' (it is {self.lr_schedule!r}) or give one number",
                 field="train.lr_schedule",
             )
+
+
+_JSON_TYPES = {bool: "boolean", int: "integer", float: "number", str: "string"}
+
+
+def json_schema(cls: type) -> dict[str, Any]:
+    """JSON Schema of a config dataclass (for the API docs and the UI/API drift test)."""
+    hints = typing.get_type_hints(cls)
+    properties, required = {}, []
+    for f in dataclasses.fields(cls):
+        properties[f.name] = _schema_of(hints[f.name])
+        if _has_no_default(f):
+            required.append(f.name)
+        elif f.default is not dataclasses.MISSING:
+            properties[f.name]["default"] = f.default
+    schema: dict[str, Any] = {
+        "type": "object",
+        "title": cls.__name__,
+        "properties": properties,
+        "additionalProperties": False,
+    }
+    if cls.__doc__:
+        schema["description"] = cls.__doc__.strip().splitlines()[0]
+    if required:
+        schema["required"] = required
+    return schema
+
+
+def _schema_of(hint: Any) -> dict[str, Any]:
+    origin = get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        inner = [a for a in get_args(hint) if a is not type(None)]
+        return {**_schema_of(inner[0]), "nullable": True}
+    if origin is Literal:
+        return {"type": "string", "enum": list(get_args(hint))}
+    if dataclasses.is_dataclass(hint):
+        return json_schema(hint)
+    return {"type": _JSON_TYPES.get(hint, "string")}

@@ -10,7 +10,8 @@ if [ ! -x "$VENV/bin/python" ]; then
   "$PY" -m venv "$VENV"
 fi
 PIP=("$VENV/bin/python" -m pip install --quiet --disable-pip-version-check)
-if ! "$VENV/bin/python" -c "import torch, ldm, open_clip, transformers, pytest" 2>/dev/null; then
+NEEDED="torch ldm open_clip transformers pytest gradio fastapi httpx ruff"
+if ! "$VENV/bin/python" -c "import importlib.util as u, sys; sys.exit(any(u.find_spec(m) is None for m in '$NEEDED'.split()))" 2>/dev/null; then
   echo "== installing the test stack into $VENV (CPU torch first, then the pinned packages)"
   "${PIP[@]}" "setuptools==80.9.0"
   # CPU torch: a plain 'torch' requirement would pull the CUDA build (GBs). An already installed torch >= 2.1 is kept.

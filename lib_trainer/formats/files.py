@@ -22,7 +22,8 @@ def check_name(name: str, field: str) -> str:
         shown = ", ".join(repr(c) for c in bad)
         raise ConfigError(
             f"{field} {name!r} contains {shown}; use letters, digits, spaces, '-' or '_' "
-            "(names may not contain path separators or commas)"
+            "(names may not contain path separators or commas)",
+            field=field,
         )
     if name != name.strip() or name.startswith(".") or name.endswith("."):
         raise ConfigError(f"{field} {name!r} may not start or end with a space or a dot", field=field)

@@ -49,7 +49,19 @@ def folders() -> Folders:
     opts = shared.cmd_opts
     data = Path(paths_internal.data_path)
     lora = getattr(opts, "lora_dir", None) or data / "models" / "Lora"
-    return Folders(Path(opts.embeddings_dir), Path(opts.hypernetwork_dir), Path(lora), data / "trainer")
+    logs = getattr(shared.opts, "trainer_log_dir", "") or data / "trainer"
+    return Folders(Path(opts.embeddings_dir), Path(opts.hypernetwork_dir), Path(lora), Path(logs))
+
+
+def add_settings() -> None:
+    """The trainer's section in Settings."""
+    section = ("trainer", "Trainer")
+    shared.opts.add_option(
+        "trainer_log_dir",
+        shared.OptionInfo(
+            "", "Folder for training logs, numbered copies and previews (empty: <data dir>/trainer)", section=section
+        ),
+    )
 
 
 def model_label() -> str:
@@ -181,3 +193,12 @@ def render_txt2img(settings: dict[str, Any]) -> list[Any]:
     finally:
         shared.state.job_no, shared.state.job_count = job_no, job_count  # process_images advances the job counter
     return list(processed.images)
+
+
+def register_callbacks(on_ui_tabs, on_ui_settings, on_app_started) -> None:
+    """Register the extension's callbacks with ``modules.script_callbacks``."""
+    from modules import script_callbacks
+
+    script_callbacks.on_ui_tabs(on_ui_tabs)
+    script_callbacks.on_ui_settings(on_ui_settings)
+    script_callbacks.on_app_started(on_app_started)

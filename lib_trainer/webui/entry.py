@@ -1,0 +1,57 @@
+"""What scripts/trainer.py registers: the tab, the settings section and the API routes, sharing one job queue."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from lib_trainer.webui import host
+from lib_trainer.webui.jobs import JobManager
+
+_manager: JobManager | None = None
+
+
+def manager() -> JobManager:
+    """The one job queue of this WebUI process (created on first use, not at import)."""
+    global _manager
+    if _manager is None:
+        _manager = JobManager(host)
+    return _manager
+
+
+def register() -> None:
+    """Register our callbacks with the WebUI."""
+    host.register_callbacks(on_ui_tabs=on_ui_tabs, on_ui_settings=on_ui_settings, on_app_started=on_app_started)
+
+
+def create_embedding(settings: dict[str, Any]) -> Path:
+    """Create an embedding file on the loaded model (the Create button and POST /embeddings)."""
+    from lib_trainer.config import build
+    from lib_trainer.methods.textual_inversion import EmbeddingConfig
+    from lib_trainer.methods.textual_inversion import create_embedding as create
+
+    config = build(EmbeddingConfig, settings)
+    with host.queue_lock():
+        path = create(config, host.model_parts(), host.folders().embeddings)
+        host.refresh_embeddings()
+    return path
+
+
+def on_ui_tabs():
+    """The Trainer tab."""
+    from lib_trainer.webui.ui import create_tab
+
+    tab = create_tab(manager(), create_embedding, host.model_label, host.sampler_names())
+    return [(tab, "Trainer", "trainer")]
+
+
+def on_ui_settings() -> None:
+    """Our settings section."""
+    host.add_settings()
+
+
+def on_app_started(_demo: Any, app: Any) -> None:
+    """Add /trainer/v1 routes to the WebUI's FastAPI app."""
+    from lib_trainer.webui.api import register_routes
+
+    register_routes(app, manager(), create_embedding)

@@ -1,0 +1,136 @@
+"""The tab's form, declared once without gradio: which config field each control edits, and how.
+
+ui.py turns these into components; the drift test checks them against the config dataclasses and the API
+schema, so a new config field cannot be forgotten in the tab (adetailer's args/UI sync test).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass
+from typing import Any, Literal, get_args, get_origin
+
+from lib_trainer.data.templates import builtin_templates
+from lib_trainer.methods.textual_inversion import TextualInversionConfig
+
+
+@dataclass(frozen=True)
+class FormField:
+    """One control: the dotted config path it edits, its label and its kind."""
+
+    path: str
+    label: str
+    kind: Literal["text", "number", "int", "slider", "checkbox", "dropdown", "radio"]
+    minimum: float | None = None
+    maximum: float | None = None
+    step: float | None = None
+    choices: tuple[str, ...] = ()
+    info: str = ""
+
+
+TI_FIELDS: tuple[FormField, ...] = (
+    FormField("embedding.name", "Name (the word you type in prompts)", "text"),
+    FormField("embedding.init_text", "Initialization text", "text", info="empty = zeros"),
+    FormField("embedding.num_vectors", "Vectors per token", "slider", 1, 75, 1),
+    FormField("embedding.overwrite", "Overwrite an existing embedding of that name", "checkbox"),
+    FormField("resume_from", "Resume from file (optional)", "text", info=".safetensors, WebUI .pt or kohya file"),
+    FormField("data.data_dir", "Dataset folder", "text"),
+    FormField(
+        "data.template",
+        "Prompt template",
+        "dropdown",
+        choices=tuple(builtin_templates()),
+        info="or the path of your own .txt",
+    ),
+    FormField("data.width", "Width", "slider", 64, 2048, 64),
+    FormField("data.height", "Height", "slider", 64, 2048, 64),
+    FormField("data.caption_extension", "Caption extension", "text"),
+    FormField("data.missing_caption", "Images without caption", "radio", choices=("error", "filename", "empty")),
+    FormField("data.shuffle_tags", "Shuffle tags", "checkbox"),
+    FormField("data.keep_tags", "Keep first N tags in place", "int", 0, 100, 1),
+    FormField("data.tag_dropout", "Tag drop-out", "slider", 0.0, 0.95, 0.05),
+    FormField("data.latent_sampling", "Latent sampling", "radio", choices=("once", "deterministic", "random")),
+    FormField("train.steps", "Max steps (total)", "int", 1, 10_000_000, 1),
+    FormField("train.batch_size", "Batch size", "int", 1, 1024, 1),
+    FormField("train.gradient_accumulation", "Gradient accumulation", "int", 1, 1024, 1),
+    FormField("train.learning_rate", "Learning rate", "text", info="e.g. 0.005 or 0.005:100, 1e-3:1000, 1e-5"),
+    FormField("train.lr_schedule", "LR schedule", "dropdown", choices=("constant", "linear", "cosine")),
+    FormField("train.lr_warmup_steps", "Warmup steps", "int", 0, 1_000_000, 1),
+    FormField("train.optimizer", "Optimizer", "dropdown", choices=("adamw",)),
+    FormField("train.weight_decay", "Weight decay", "number", 0.0, 10.0),
+    FormField("train.clip_grad", "Gradient clipping", "radio", choices=("off", "norm", "value")),
+    FormField("train.clip_grad_value", "Clipping value", "number", 0.0),
+    FormField("train.mixed_precision", "Mixed precision", "dropdown", choices=("auto", "no", "fp16", "bf16")),
+    FormField("train.seed", "Seed", "int"),
+    FormField("train.clip_skip", "Clip skip", "slider", 1, 12, 1),
+    FormField("train.save_every", "Save a copy every N steps (0 = only at the end)", "int", 0, None, 1),
+    FormField("train.preview_every", "Preview every N steps (0 = never)", "int", 0, None, 1),
+)
+NOT_IN_FORM = {"version"}  # set by the extension itself
+
+
+def config_paths(cls: type = TextualInversionConfig, prefix: str = "") -> list[str]:
+    """Dotted paths of every leaf setting of a config dataclass."""
+    hints = typing.get_type_hints(cls)
+    paths = []
+    for f in dataclasses.fields(cls):
+        hint = hints[f.name]
+        if get_origin(hint) is None and dataclasses.is_dataclass(hint):
+            paths += config_paths(hint, f"{prefix}{f.name}.")
+        else:
+            paths.append(prefix + f.name)
+    return paths
+
+
+def default_values(fields: tuple[FormField, ...] = TI_FIELDS) -> dict[str, Any]:
+    """Each field's default from the config dataclasses (what the tab shows first)."""
+    defaults = _defaults(TextualInversionConfig)
+    return {f.path: defaults.get(f.path) for f in fields}
+
+
+def _defaults(cls: type, prefix: str = "") -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        hint = hints[f.name]
+        if dataclasses.is_dataclass(hint):
+            if f.default_factory is not dataclasses.MISSING:
+                out.update(_flatten(dataclasses.asdict(f.default_factory()), f"{prefix}{f.name}."))
+            else:
+                out.update(_defaults(hint, f"{prefix}{f.name}."))
+        elif f.default is not dataclasses.MISSING:
+            out[prefix + f.name] = f.default
+    return out
+
+
+def _flatten(data: dict[str, Any], prefix: str) -> dict[str, Any]:
+    return {f"{prefix}{k}": v for k, v in data.items()}
+
+
+def to_config_dict(values: dict[str, Any], fields: tuple[FormField, ...] = TI_FIELDS) -> dict[str, Any]:
+    """Nested config dict from ``{path: value}`` (numbers from sliders become ints where the field is int)."""
+    nested: dict[str, Any] = {}
+    kinds = {f.path: f for f in fields}
+    for path, value in values.items():
+        field = kinds[path]
+        if field.kind in ("int", "slider") and isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if field.kind == "dropdown" and not field.choices and value is None:
+            continue
+        node = nested
+        *parents, leaf = path.split(".")
+        for parent in parents:
+            node = node.setdefault(parent, {})
+        node[leaf] = value
+    return nested
+
+
+def literal_choices(path: str) -> tuple[str, ...]:
+    """The allowed values of a Literal config field (empty for other types)."""
+    cls: Any = TextualInversionConfig
+    *parents, leaf = path.split(".")
+    for parent in parents:
+        cls = typing.get_type_hints(cls)[parent]
+    hint = typing.get_type_hints(cls)[leaf]
+    return get_args(hint) if get_origin(hint) is Literal else ()

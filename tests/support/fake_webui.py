@@ -1,0 +1,179 @@
+"""A small, honest fake of exactly the WebUI surface lib_trainer/webui/host.py uses (its docstring lists it).
+
+``install(model, root)`` puts fake ``modules.*`` into ``sys.modules`` around a real tiny ldm model, so the real
+host.py, jobs.py, api.py and ui.py run against it. tests/test_webui_real.py checks the same names against
+a real WebUI checkout when SD_WEBUI_DIR is set.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import types
+from pathlib import Path
+from typing import Any, ClassVar
+
+from PIL import Image
+
+MODULE_NAMES = (
+    "modules",
+    "modules.shared",
+    "modules.paths_internal",
+    "modules.call_queue",
+    "modules.sd_hijack",
+    "modules.processing",
+    "modules.sd_samplers",
+    "modules.script_callbacks",
+    "modules.textual_inversion",
+    "modules.textual_inversion.textual_inversion",
+)
+
+
+class FakeState:
+    """modules.shared_state.State: the fields and methods host.py uses."""
+
+    def __init__(self):
+        self.job, self.job_no, self.job_count, self.textinfo = "", 0, 0, None
+        self.interrupted = self.skipped = self.stopping_generation = False
+        self.current_image, self.id_live_preview = None, 0
+        self.begun: list[str] = []
+
+    def begin(self, job="(unknown)"):
+        self.begun.append(job)
+        self.job, self.job_no, self.job_count = job, 0, -1
+        self.interrupted = self.skipped = False
+
+    def end(self):
+        self.job, self.job_count = "", 0
+
+    def interrupt(self):
+        self.interrupted = True
+
+    def assign_current_image(self, image):
+        self.current_image, self.id_live_preview = image, self.id_live_preview + 1
+
+
+class FakeEmbeddingDb:
+    """sd_hijack.model_hijack.embedding_db: records reloads and registrations."""
+
+    def __init__(self):
+        self.reloads: list[bool] = []
+        self.registered: dict[str, Any] = {}
+
+    def load_textual_inversion_embeddings(self, force_reload=False):
+        self.reloads.append(force_reload)
+
+    def register_embedding_by_name(self, embedding, model, name):
+        self.registered[name] = embedding
+
+
+class FakeEmbedding:
+    def __init__(self, vec, name):
+        self.vec, self.name = vec, name
+
+
+def create_embedding_from_data(data, name, filename="unknown embedding file", filepath=None):
+    """Same acceptance rule as the WebUI's: one tensor per file."""
+    assert len(data) == 1, "embedding file has multiple terms in it"
+    return FakeEmbedding(next(iter(data.values())), name)
+
+
+class StableDiffusionProcessing:
+    """Class-level conditioning caches, shared by all instances as in the WebUI."""
+
+    cached_c: ClassVar[list] = ["stale", "stale"]
+    cached_uc: ClassVar[list] = ["stale", "stale"]
+
+
+class StableDiffusionProcessingTxt2Img(StableDiffusionProcessing):
+    def __init__(
+        self, sd_model=None, do_not_save_grid=False, do_not_save_samples=False, do_not_reload_embeddings=False
+    ):
+        self.sd_model = sd_model
+        self.closed = False
+
+    def close(self):
+        self.closed = True
+
+
+class Processed:
+    def __init__(self, images):
+        self.images = images
+
+
+def process_images(p):
+    """Renders a flat image of the requested size; advances the job counter like the real one."""
+    shared = sys.modules["modules.shared"]
+    shared.state.job_no += 1
+    shared.rendered.append({"prompt": p.prompt, "sampler": p.sampler_name, "size": (p.width, p.height)})
+    return Processed([Image.new("RGB", (p.width, p.height), "gray")])
+
+
+class OptionInfo:
+    def __init__(
+        self, default=None, label="", component=None, component_args=None, onchange=None, section=None, **kwargs
+    ):
+        self.default, self.label, self.section = default, label, section
+
+
+class FakeOpts:
+    def __init__(self):
+        self.CLIP_stop_at_last_layers = 1
+        self.options: dict[str, OptionInfo] = {}
+
+    def add_option(self, key, info):
+        self.options[key] = info
+        setattr(self, key, info.default)
+
+
+def install(model: Any, root: Path) -> types.SimpleNamespace:
+    """Put the fake ``modules`` package in sys.modules with ``model`` as ``shared.sd_model``."""
+    mods = {name: types.ModuleType(name) for name in MODULE_NAMES}
+    shared = mods["modules.shared"]
+    shared.sd_model = model
+    shared.state = FakeState()
+    shared.opts = FakeOpts()
+    shared.OptionInfo = OptionInfo
+    shared.cmd_opts = types.SimpleNamespace(
+        embeddings_dir=str(root / "embeddings"),
+        hypernetwork_dir=str(root / "models" / "hypernetworks"),
+        lora_dir=str(root / "models" / "Lora"),
+        lowvram=False,
+        medvram=False,
+    )
+    shared.rendered = []
+    shared.reload_hypernetworks = lambda: None
+    mods["modules.paths_internal"].data_path = str(root)
+    mods["modules.call_queue"].queue_lock = threading.Lock()
+    mods["modules.sd_hijack"].model_hijack = types.SimpleNamespace(embedding_db=FakeEmbeddingDb())
+    mods["modules.textual_inversion.textual_inversion"].create_embedding_from_data = create_embedding_from_data
+    processing = mods["modules.processing"]
+    processing.StableDiffusionProcessing = StableDiffusionProcessing
+    processing.StableDiffusionProcessingTxt2Img = StableDiffusionProcessingTxt2Img
+    processing.process_images = process_images
+    sampler = types.SimpleNamespace(name="Euler a")
+    mods["modules.sd_samplers"].samplers_map = {"euler a": "Euler a"}
+    mods["modules.sd_samplers"].all_samplers = [sampler]
+    callbacks = mods["modules.script_callbacks"]
+    callbacks.registered = {}
+    for name in ("on_ui_tabs", "on_ui_settings", "on_app_started"):
+        setattr(callbacks, name, lambda fn, _name=name: callbacks.registered.setdefault(_name, fn))
+    for name, module in mods.items():
+        parent, _, child = name.rpartition(".")
+        if parent:
+            setattr(mods[parent], child, module)
+        sys.modules[name] = module
+    return types.SimpleNamespace(
+        shared=shared,
+        db=mods["modules.sd_hijack"].model_hijack.embedding_db,
+        processing=processing,
+        callbacks=callbacks,
+    )
+
+
+def uninstall() -> None:
+    """Remove the fake modules and every lib_trainer.webui module imported against them."""
+    for name in [n for n in sys.modules if n == "modules" or n.startswith("modules.")]:
+        del sys.modules[name]
+    for name in [n for n in sys.modules if n.startswith("lib_trainer.webui.") and n != "lib_trainer.webui.form"]:
+        del sys.modules[name]
