@@ -1,0 +1,71 @@
+"""Opt-in: check the real WebUI still has every name host.py uses (the fake host's contract).
+
+Skipped unless SD_WEBUI_DIR points at an AUTOMATIC1111 WebUI checkout. The check runs in the WebUI's own
+Python (SD_WEBUI_PYTHON, default <SD_WEBUI_DIR>/venv/bin/python, else this interpreter), imports the real
+modules after the WebUI's own initialisation, and also imports our host.py there.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+WEBUI = os.environ.get("SD_WEBUI_DIR")
+pytestmark = [pytest.mark.webui, pytest.mark.skipif(not WEBUI, reason="set SD_WEBUI_DIR to a WebUI checkout")]
+
+CHECK = r"""
+import inspect, json, sys
+sys.argv = [sys.argv[0]]
+from modules import initialize, shared_init
+initialize.imports()
+shared_init.initialize()
+from modules import call_queue, paths_internal, processing, script_callbacks, sd_hijack, sd_samplers, shared
+from modules.textual_inversion import textual_inversion
+sys.path.insert(0, EXTENSION_ROOT)
+import lib_trainer.webui.host as host  # our glue imports cleanly against the real modules
+db = sd_hijack.model_hijack.embedding_db
+state = shared.state
+params = lambda f: list(inspect.signature(f).parameters)
+print(json.dumps({
+    "state": [hasattr(state, n) for n in ("begin", "end", "interrupt", "assign_current_image", "job", "job_no",
+                                          "job_count", "textinfo", "interrupted", "skipped")],
+    "opts": hasattr(shared.opts, "CLIP_stop_at_last_layers") and hasattr(shared.opts, "add_option"),
+    "cmd_opts": [hasattr(shared.cmd_opts, n) for n in ("embeddings_dir", "hypernetwork_dir", "lowvram", "medvram")],
+    "option_info": hasattr(shared, "OptionInfo"),
+    "reload_hypernetworks": callable(getattr(shared, "reload_hypernetworks", None)),
+    "data_path": isinstance(paths_internal.data_path, str),
+    "queue_lock": hasattr(call_queue.queue_lock, "__enter__"),
+    "embedding_db": params(db.load_textual_inversion_embeddings) == ["force_reload"]
+                    and params(db.register_embedding_by_name) == ["embedding", "model", "name"],
+    "create_embedding_from_data": params(textual_inversion.create_embedding_from_data)[:2] == ["data", "name"],
+    "processing": all(hasattr(processing.StableDiffusionProcessing, n) for n in ("cached_c", "cached_uc"))
+                  and {"sd_model", "do_not_save_grid", "do_not_save_samples", "do_not_reload_embeddings"}
+                  <= set(params(processing.StableDiffusionProcessingTxt2Img.__init__))
+                  and callable(processing.process_images),
+    "samplers_map": isinstance(sd_samplers.samplers_map, dict),
+    "callbacks": all(callable(getattr(script_callbacks, n, None))
+                     for n in ("on_ui_tabs", "on_ui_settings", "on_app_started")),
+    "host_imported": host.__name__,
+}))
+"""
+
+
+def test_real_webui_has_the_host_surface_we_use():
+    webui = Path(WEBUI)
+    python = os.environ.get("SD_WEBUI_PYTHON") or next(
+        (str(p) for p in (webui / "venv" / "bin" / "python", webui / "venv" / "Scripts" / "python.exe") if p.exists()),
+        sys.executable,
+    )
+    env = {**os.environ, "IGNORE_CMD_ARGS_ERRORS": "1", "HF_HUB_OFFLINE": "1"}
+    script = CHECK.replace('sys.argv_root if hasattr(sys, "argv_root") else ROOT', repr(str(ROOT)))
+    done = subprocess.run([python, "-c", script], cwd=webui, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    failed = {k: v for k, v in report.items() if v is False or (isinstance(v, list) and not all(v))}
+    assert failed == {}, f"the WebUI lacks names host.py uses: {failed}"
