@@ -63,7 +63,7 @@ def test_real_webui_has_the_host_surface_we_use():
         sys.executable,
     )
     env = {**os.environ, "IGNORE_CMD_ARGS_ERRORS": "1", "HF_HUB_OFFLINE": "1"}
-    script = CHECK.replace('sys.argv_root if hasattr(sys, "argv_root") else ROOT', repr(str(ROOT)))
+    script = CHECK.replace("EXTENSION_ROOT", repr(str(ROOT)))
     done = subprocess.run([python, "-c", script], cwd=webui, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
     report = json.loads(done.stdout.strip().splitlines()[-1])
