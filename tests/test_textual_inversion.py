@@ -320,3 +320,14 @@ def test_embedding_of_another_width_is_refused(parts, image_dir, paths):
     safetensors.torch.save_file({"emb_params": torch.zeros(1, 768)}, str(paths.embeddings_dir / "zqtoken.safetensors"))
     with pytest.raises(TrainerError, match="width 768"):
         train_embedding(ti_config(image_dir), parts, paths)
+
+
+def test_saved_files_get_normal_permissions(parts, tmp_path):
+    import os
+    import stat
+
+    path = create_embedding(EmbeddingConfig(name="zqperm"), parts, tmp_path)
+    mask = os.umask(0)
+    os.umask(mask)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~mask
+    assert [p.name for p in tmp_path.iterdir()] == ["zqperm.safetensors"]  # no temporary file left behind

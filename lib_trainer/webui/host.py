@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Any
 
 from modules import call_queue, paths_internal, processing, sd_hijack, sd_samplers, shared
-from modules.textual_inversion import textual_inversion as host_ti
 
 from lib_trainer.errors import ConfigError, UnsupportedModelError
 from lib_trainer.loop.hooks import Progress
@@ -163,6 +162,8 @@ def show_image(image: Any) -> None:
 
 def register_embedding(name: str, vectors: Any) -> None:
     """Make the current vectors usable as ``name`` in prompts (for previews), replacing a loaded one."""
+    from modules.textual_inversion import textual_inversion as host_ti  # absent in Forge main: import on use
+
     embedding = host_ti.create_embedding_from_data({"emb_params": vectors.detach().float().cpu()}, name)
     sd_hijack.model_hijack.embedding_db.register_embedding_by_name(embedding, shared.sd_model, name)
     reset_conditioning_cache()

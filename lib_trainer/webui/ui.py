@@ -70,7 +70,7 @@ def _embedding_controls(defaults: dict[str, Any]) -> dict[str, gr.components.Com
     groups = {"Embedding": "embedding.", "Dataset": "data.", "Training": "train."}
     components: dict[str, gr.components.Component] = {}
     for title, prefix in groups.items():
-        with gr.Accordion(title, open=title != "Training"):
+        with gr.Accordion(title, open=title != "Training", elem_id=f"trainer_acc_{title.lower()}"):
             for field in TI_FIELDS:
                 if field.path.startswith(prefix) or (prefix == "embedding." and "." not in field.path):
                     components[field.path] = build_component(field, defaults[field.path])
@@ -78,7 +78,7 @@ def _embedding_controls(defaults: dict[str, Any]) -> dict[str, gr.components.Com
 
 
 def _preview_controls(samplers: list[str]) -> dict[str, gr.components.Component]:
-    with gr.Accordion("Previews (rendered by txt2img)", open=False):
+    with gr.Accordion("Previews (rendered by txt2img)", open=False, elem_id="trainer_acc_previews"):
         d = PREVIEW_DEFAULTS
         return {
             "prompt": gr.Textbox(
