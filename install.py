@@ -1,13 +1,19 @@
-"""Run by the WebUI at start-up (separate process): installs only what the host lacks. Never touches torch.
+"""Run by the WebUI at start-up in its own process: installs only what the host lacks. Never touches torch.
 
-Today every package the trainer needs (safetensors, numpy, pillow, open_clip, gradio, fastapi) ships with
-the WebUI; lycoris-lora arrives with the LoRA issue. Idempotent and fast when nothing is missing.
+The WebUI already ships safetensors, numpy, pillow, open_clip, gradio and fastapi. lycoris-lora (the LoRA
+family math) is installed without its dependencies so that its plain ``torch`` requirement can never
+replace the WebUI's torch; its one extra dependency, toml, is listed on its own. ``launch.run_pip`` does
+nothing under ``--skip-install``; when everything is present this script only checks and exits.
 """
 
 import launch
 
-REQUIREMENTS = {}  # import name -> pip requirement; e.g. {"lycoris": "lycoris-lora==4.1.3"} once LoRA lands
+# (module to look for, pip arguments)
+REQUIREMENTS = (
+    ("toml", "toml"),
+    ("lycoris", "lycoris-lora==4.1.3 --no-deps"),
+)
 
-for module, requirement in REQUIREMENTS.items():
+for module, pip_args in REQUIREMENTS:
     if not launch.is_installed(module):
-        launch.run_pip(f"install {requirement}", f"sd-webui-trainer requirement: {requirement}")
+        launch.run_pip(f"install {pip_args}", f"sd-webui-trainer requirement: {pip_args.split()[0]}")

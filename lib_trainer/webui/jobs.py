@@ -124,7 +124,7 @@ class JobManager:
     def submit(self, method: str, config: dict[str, Any], preview: dict[str, Any] | None = None) -> Job:
         """Validate ``config`` for ``method`` (TrainerError when invalid) and queue a job; returns at once."""
         if method not in METHODS:
-            raise TrainerError(f"method {method!r} is unknown; valid methods: {', '.join(METHODS)}")
+            raise TrainerError(f"method {method!r} is unknown; valid methods: {', '.join(METHODS)}", field="method")
         parsed = ti.TextualInversionConfig.from_dict(config)
         with self._lock:
             job = Job(id=f"{int(time.time())}-{next(self._ids)}", method=method, config=parsed, preview=preview)
