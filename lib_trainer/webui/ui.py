@@ -57,12 +57,11 @@ def create_tab(
             with gr.Tab("Embedding", elem_id="trainer_tab_embedding"):
                 components = _embedding_controls(defaults)
                 preview = _preview_controls(samplers)
-                job_id, status = _run_controls(manager, components, preview, create_embedding)
+                _run_controls(manager, components, preview, create_embedding)
             for title in ("Hypernetwork", "LoRA", "Dataset"):
                 with gr.Tab(title, elem_id=f"trainer_tab_{title.lower()}"):
                     gr.Markdown(f"{title} training arrives in a later version of the trainer.")
         tab.load(fn=lambda: f"**Loaded model:** {model_label()}", inputs=[], outputs=[model_info])
-    del job_id, status
     return tab
 
 
@@ -103,7 +102,7 @@ def _preview_controls(samplers: list[str]) -> dict[str, gr.components.Component]
         }
 
 
-def _run_controls(manager, components, preview, create_embedding):
+def _run_controls(manager, components, preview, create_embedding) -> None:
     with gr.Row():
         create_btn = gr.Button("Create embedding", elem_id="trainer_create")
         train_btn = gr.Button("Train", variant="primary", elem_id="trainer_train")
@@ -149,4 +148,3 @@ def _run_controls(manager, components, preview, create_embedding):
     create_btn.click(fn=create, inputs=controls, outputs=[status])
     interrupt_btn.click(fn=interrupt, inputs=[job_id], outputs=[status])
     save_btn.click(fn=save_now, inputs=[job_id], outputs=[status])
-    return job_id, status
