@@ -195,6 +195,8 @@ class TrainConfig:
     clip_skip: int = 1
     save_every: int = 500  # 0 = only at the end
     preview_every: int = 500  # 0 = never
+    noise_offset: float = 0.0  # Guttenberg's offset noise: adds offset * N(0, 1) per channel
+    min_snr_gamma: float = 0.0  # Min-SNR-gamma loss weighting (Hang et al. 2023); 0 = off
 
     def __post_init__(self) -> None:
         check_range("train.steps", self.steps, 1, 10_000_000)
@@ -206,6 +208,8 @@ class TrainConfig:
         check_range("train.clip_skip", self.clip_skip, 1, 12)
         check_range("train.save_every", self.save_every, 0, None)
         check_range("train.preview_every", self.preview_every, 0, None)
+        check_range("train.noise_offset", self.noise_offset, 0.0, 1.0)
+        check_range("train.min_snr_gamma", self.min_snr_gamma, 0.0, 100.0)
         from lib_trainer.loop.schedules import parse_learning_rate
 
         segments = parse_learning_rate(self.learning_rate)

@@ -121,3 +121,30 @@ def test_adapter_sees_through_the_webuis_wrappers(sd_model, family):
     finally:
         sd_model.cond_stage_model = embedder
         holder.token_embedding = original
+
+
+def test_min_snr_weights(parts):
+    from lib_trainer.models.diffusion import min_snr_weight
+
+    t = torch.tensor([10, 500, 990])
+    a = parts.alphas_cumprod[t]
+    snr = a / (1 - a)
+    eps = min_snr_weight(t, parts.alphas_cumprod, 5.0, "eps")
+    torch.testing.assert_close(eps, torch.clamp(snr, max=5.0) / snr)
+    assert eps[0] < 1 and eps[2] == 1  # low-noise steps are down-weighted, high-noise ones kept
+    torch.testing.assert_close(min_snr_weight(t, parts.alphas_cumprod, 5.0, "v"), torch.clamp(snr, max=5.0) / (snr + 1))
+
+
+def test_noise_offset_changes_the_loss_deterministically(parts):
+    from lib_trainer.models.diffusion import DiffusionObjective
+
+    latents = torch.randn(2, 4, 8, 8)
+    cond = parts.text_encoder.encode(["a", "b"]).detach()
+
+    def run(offset):
+        gen = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            return DiffusionObjective(noise_offset=offset).loss(parts, latents, cond, gen)
+
+    assert torch.equal(run(0.0), run(0.0))
+    assert not torch.equal(run(0.0), run(0.1))

@@ -28,7 +28,11 @@ from lib_trainer.models.parts import ModelParts
 
 
 class Trainable(Protocol):
-    """What a method gives the loop: parameters, how it changes the model, conditioning, saving."""
+    """What a method gives the loop: parameters, how it changes the model, conditioning, saving.
+
+    A trainable may also define ``param_groups()`` -> ``[{"params": [...], "lr_scale": float, "stop_at": int}]``
+    for per-group learning rates (the schedule's rate times ``lr_scale``; 0 after step ``stop_at``).
+    """
 
     start_step: int
     resume: ResumeState | None
@@ -102,6 +106,7 @@ class _Run:
     generator: torch.Generator
     batches: BatchSource
     step: int
+    groups: list[dict[str, Any]]
     last_saved: int = -1
     saved: list[Path] = field(default_factory=list)
 
@@ -119,10 +124,12 @@ def train(
     hooks = hooks or TrainingHooks()
     loss_log = loss_log or LossLog(None)
     precision = resolve_precision(config.mixed_precision, parts.device)
-    params = trainable.parameters()
-    optimizer = torch.optim.AdamW(params, lr=0.0, weight_decay=config.weight_decay)
+    groups = trainable.param_groups() if hasattr(trainable, "param_groups") else [{"params": trainable.parameters()}]
+    optimizer = torch.optim.AdamW(
+        [{"params": g["params"], "lr": 0.0} for g in groups], lr=0.0, weight_decay=config.weight_decay
+    )
     generator = torch.Generator(device=parts.device).manual_seed(config.seed)
-    run = _Run(parts, trainable, config, optimizer, generator, batches, trainable.start_step)
+    run = _Run(parts, trainable, config, optimizer, generator, batches, trainable.start_step, groups)
     _restore(run, trainable.resume)
     schedule = LearningRate(config.learning_rate, config.lr_schedule, config.lr_warmup_steps, config.steps)
     scaler = grad_scaler(parts.device, precision)
@@ -149,8 +156,9 @@ def train(
 
 
 def _optimizer_step(run: _Run, objective: Objective, rate: float, precision: str, scaler) -> tuple[float, str]:
-    for group in run.optimizer.param_groups:
-        group["lr"] = rate
+    for group, spec in zip(run.optimizer.param_groups, run.groups, strict=True):
+        stopped = spec.get("stop_at") and run.step + 1 > spec["stop_at"]  # e.g. "stop training the TE at step N"
+        group["lr"] = 0.0 if stopped else rate * spec.get("lr_scale", 1.0)
     total, prompt = 0.0, ""
     for _ in range(run.config.gradient_accumulation):
         latents, prompts = run.batches.next_batch()

@@ -248,4 +248,5 @@ def train_embedding(
     prompts = PromptMaker(template, config.embedding.name, config.data, random.Random(batch_seed))
     batches = TrainingBatches(samples, cache, prompts, config.train.batch_size, batch_seed)
     log = LossLog(trainable.run_dir / "loss.csv")
-    return train(parts, trainable, batches, objective or DiffusionObjective(), config.train, hooks, log)
+    objective = objective or DiffusionObjective(config.train.noise_offset, config.train.min_snr_gamma)
+    return train(parts, trainable, batches, objective, config.train, hooks, log)

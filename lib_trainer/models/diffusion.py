@@ -28,8 +28,23 @@ def target_for(
     return a.sqrt() * noise - (1 - a).sqrt() * x0
 
 
+def min_snr_weight(t: torch.Tensor, alphas_cumprod: torch.Tensor, gamma: float, prediction: str) -> torch.Tensor:
+    """Min-SNR-gamma loss weights (Hang et al. 2023): min(SNR, gamma) / SNR, or / (SNR + 1) for v-prediction."""
+    a = alphas_cumprod[t]
+    snr = a / (1 - a)
+    clipped = torch.clamp(snr, max=gamma)
+    return clipped / (snr + 1) if prediction == "v" else clipped / snr
+
+
 class DiffusionObjective:
-    """The standard denoising loss: random t and noise, MSE to the parameterisation's target, per sample."""
+    """The standard denoising loss: random t and noise, MSE to the parameterisation's target, per sample.
+
+    ``noise_offset`` adds a per-channel constant to the noise (Guttenberg 2023, "offset noise");
+    ``min_snr_gamma`` > 0 weights each sample by ``min_snr_weight``.
+    """
+
+    def __init__(self, noise_offset: float = 0.0, min_snr_gamma: float = 0.0):
+        self.noise_offset, self.min_snr_gamma = noise_offset, min_snr_gamma
 
     def loss(
         self, parts: ModelParts, latents: torch.Tensor, cond: torch.Tensor, generator: torch.Generator
@@ -39,7 +54,14 @@ class DiffusionObjective:
         t = torch.randint(0, parts.num_timesteps, (batch,), generator=generator, device=generator.device)
         t = t.to(latents.device)
         noise = torch.randn(latents.shape, generator=generator, device=generator.device).to(latents.device)
+        if self.noise_offset:
+            shape = (batch, latents.shape[1], 1, 1)
+            offset = torch.randn(shape, generator=generator, device=generator.device).to(latents.device)
+            noise = noise + self.noise_offset * offset
         x_t = add_noise(latents, noise, t, parts.alphas_cumprod)
         pred = parts.apply_model(x_t.to(parts.dtype), t, cond)
         target = target_for(parts.prediction, latents, noise, t, parts.alphas_cumprod)
-        return F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+        loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+        if self.min_snr_gamma:
+            loss = loss * min_snr_weight(t, parts.alphas_cumprod, self.min_snr_gamma, parts.prediction)
+        return loss

@@ -66,6 +66,10 @@ TI_FIELDS: tuple[FormField, ...] = (
     FormField("train.clip_skip", "Clip skip", "slider", 1, 12, 1),
     FormField("train.save_every", "Save a copy every N steps (0 = only at the end)", "int", 0, None, 1),
     FormField("train.preview_every", "Preview every N steps (0 = never)", "int", 0, None, 1),
+    FormField(
+        "train.noise_offset", "Noise offset", "slider", 0.0, 1.0, 0.01, info="0 = off; ~0.05-0.1 helps dark/bright"
+    ),
+    FormField("train.min_snr_gamma", "Min-SNR gamma", "number", 0.0, 100.0, info="0 = off; 5 is common"),
 )
 NOT_IN_FORM = {"version"}  # set by the extension itself
 

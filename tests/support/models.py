@@ -19,7 +19,7 @@ TINY_UNET = {"model_channels": 32, "channel_mult": [1, 2], "num_res_blocks": 1, 
 # The real SD1/SD2 block layout (4 levels, 2 res blocks, attention on levels 0-2) with tiny widths.
 LAYOUT_UNET = {
     "model_channels": 32,
-    "channel_mult": [1, 1, 2, 2],
+    "channel_mult": [1, 2, 4, 4],
     "num_res_blocks": 2,
     "attention_resolutions": [4, 2, 1],
 }
