@@ -54,6 +54,10 @@ class TextEncoder:
         """Encode ``[B, 77]`` ids to ``[B, 77, dim]`` hidden states as the host does."""
         raise NotImplementedError
 
+    def hf_clip_module(self) -> nn.Module | None:
+        """The transformers ``CLIPTextModel`` whose module paths name kohya ``lora_te_`` keys (None: not HF CLIP)."""
+        return None
+
     def token_vectors(self, ids: Sequence[int]) -> torch.Tensor:
         """The embedding-table rows for ``ids`` as fp32 ``[len(ids), dim]`` (no gradients)."""
         weight = embedding_table(self.token_embedding_module()).weight
@@ -197,6 +201,9 @@ class HFClipTextEncoder(TextEncoder):
 
     def token_embedding_module(self) -> nn.Module:
         return self.embedder.transformer.text_model.embeddings.token_embedding
+
+    def hf_clip_module(self) -> nn.Module | None:
+        return self.embedder.transformer
 
     def _encode_ids(self, ids: torch.Tensor) -> torch.Tensor:
         transformer = self.embedder.transformer

@@ -1,0 +1,421 @@
+"""LoRA and LyCORIS (LoCon, LoHa, LoKr) on the loaded model, with lycoris-lora's math, saved in kohya format.
+
+lycoris-lora's built-in presets target diffusers class names, which do not exist in the WebUI's ldm UNet, so
+a preset naming ldm classes is passed explicitly every time (presets are class-level state). Targets follow
+kohya's defaults: every Linear / 1x1 conv inside the UNet's SpatialTransformers (proj_in/out, attn1/attn2
+q/k/v/out, ff); with ``conv_rank`` > 0 also the ResBlock, Downsample and Upsample convs; the text encoder's
+CLIP attention and MLP. The network wraps module forwards (bypass) and never writes into host weights;
+detaching restores every wrapped module exactly. UNet keys are saved with diffusers-style kohya names.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import dataclasses
+import json
+import math
+import random
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from lib_trainer.config import CONFIG_VERSION, DataConfig, TrainConfig, build_versioned, check_range, to_json
+from lib_trainer.data.captions import split_tags
+from lib_trainer.data.dataset import LatentCache, PromptMaker, Sample, TrainingBatches, load_training_set
+from lib_trainer.errors import ConfigError, FormatError, UnsupportedModelError
+from lib_trainer.formats.files import check_name, is_inside, path_in
+from lib_trainer.formats.lora import network_metadata, read_network, save_network
+from lib_trainer.loop.checkpoint import ResumeState, load_sidecar, save_sidecar, tensors_checksum
+from lib_trainer.loop.hooks import TrainingHooks
+from lib_trainer.loop.precision import resolve_precision
+from lib_trainer.loop.train import LossLog, Objective, TrainResult, train
+from lib_trainer.models.diffusion import DiffusionObjective
+from lib_trainer.models.kohya_names import UNET_PREFIX, unet_key_table
+from lib_trainer.models.parts import ModelParts
+
+ALGOS = ("lora", "locon", "loha", "lokr")
+UNET_TRANSFORMER = ["SpatialTransformer"]
+UNET_CONV_BLOCKS = ["ResBlock", "Downsample", "Upsample"]
+TEXT_ENCODER_MODULES = ["CLIPAttention", "CLIPSdpaAttention", "CLIPMLP"]
+
+
+@dataclass(frozen=True)
+class NetworkConfig:
+    """The network: algorithm, size, regularisation, what it trains, how it is saved."""
+
+    name: str = ""
+    algo: Literal["lora", "locon", "loha", "lokr"] = "lora"
+    rank: int = 16
+    alpha: float = 8.0
+    conv_rank: int = 0  # > 0 also trains ResBlock/Down/Upsample convs (LoCon, LoHa, LoKr)
+    conv_alpha: float = 1.0
+    dropout: float = 0.0
+    rank_dropout: float = 0.0
+    module_dropout: float = 0.0
+    train_unet: bool = True
+    train_text_encoder: bool = False
+    text_encoder_lr: float = 0.0  # 0 = the same as train.learning_rate
+    stop_text_encoder_at: int = 0  # stop training the text encoder after this step; 0 = never
+    save_precision: Literal["fp16", "bf16", "fp32"] = "fp16"
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        check_name(self.name, "network.name")
+        if self.name.lower() in ("none", "addams"):
+            raise ConfigError(f"network.name {self.name!r} is reserved by the WebUI; choose another", "network.name")
+        check_range("network.rank", self.rank, 1, 1024, "4-32 is typical")
+        check_range("network.alpha", self.alpha, 0.0, None, "alpha scales the update by alpha/rank; try rank/2")
+        check_range("network.conv_rank", self.conv_rank, 0, 1024)
+        check_range("network.conv_alpha", self.conv_alpha, 0.0, None)
+        for name in ("dropout", "rank_dropout", "module_dropout"):
+            check_range(f"network.{name}", getattr(self, name), 0.0, 0.95)
+        check_range("network.text_encoder_lr", self.text_encoder_lr, 0.0, 1.0)
+        check_range("network.stop_text_encoder_at", self.stop_text_encoder_at, 0, None)
+        if self.algo == "lora" and self.conv_rank:
+            raise ConfigError(
+                "network.conv_rank needs algo 'locon', 'loha' or 'lokr' (plain 'lora' trains no "
+                f"ResBlock convs), but algo is 'lora' with conv_rank {self.conv_rank}",
+                "network.conv_rank",
+            )
+        if not (self.train_unet or self.train_text_encoder):
+            raise ConfigError(
+                "network.train_unet and network.train_text_encoder are both off; nothing would train",
+                "network.train_unet",
+            )
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    """Everything a LoRA run needs; embedded in every saved file's metadata."""
+
+    network: NetworkConfig
+    data: DataConfig
+    train: TrainConfig = dataclasses.field(default_factory=lambda: TrainConfig(learning_rate="1e-4"))
+    epochs: int = 0  # > 0: train.steps = epochs x batches per epoch
+    save_every_epochs: int = 0  # > 0: replaces train.save_every
+    resume_from: str = ""  # continue a saved LoRA file (same key set)
+    version: int = CONFIG_VERSION
+
+    def __post_init__(self) -> None:
+        check_range("epochs", self.epochs, 0, 100_000)
+        check_range("save_every_epochs", self.save_every_epochs, 0, 100_000)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> LoraConfig:
+        """Build from a plain dict (UI, API, saved metadata), upgrading old versions."""
+        return build_versioned(cls, data)
+
+
+@dataclass(frozen=True)
+class OutputPaths:
+    """The host's Lora folder and the run-log folder."""
+
+    lora_dir: Path
+    log_dir: Path
+
+
+def build_network(config: NetworkConfig, parts: ModelParts):
+    """A lycoris ``LycorisNetworkKohya`` over the model's UNet and text encoder, on the model's device."""
+    from lycoris.kohya import LycorisNetworkKohya
+
+    te_root = parts.text_encoder.hf_clip_module()
+    if config.train_text_encoder and te_root is None:
+        raise UnsupportedModelError(
+            f"text-encoder training is not supported on {parts.family.upper()} (OpenCLIP's fused attention); "
+            "turn off network.train_text_encoder to train the UNet only",
+            "network.train_text_encoder",
+        )
+    conv = config.conv_rank > 0
+    LycorisNetworkKohya.apply_preset(
+        {
+            "enable_conv": conv,
+            "unet_target_module": UNET_TRANSFORMER + (UNET_CONV_BLOCKS if conv else []),
+            "unet_target_name": [],
+            "text_encoder_target_module": TEXT_ENCODER_MODULES if te_root is not None else [],
+            "text_encoder_target_name": [],
+            "module_algo_map": {},
+            "name_algo_map": {},
+            "use_fnmatch": False,
+            "exclude_name": [],
+        }
+    )
+    with _quiet_lycoris():
+        network = LycorisNetworkKohya(
+            te_root if te_root is not None else torch.nn.Module(),
+            parts.unet,
+            multiplier=1.0,
+            lora_dim=config.rank,
+            conv_lora_dim=config.conv_rank,
+            alpha=config.alpha,
+            conv_alpha=config.conv_alpha,
+            dropout=config.dropout,
+            rank_dropout=config.rank_dropout,
+            module_dropout=config.module_dropout,
+            network_module=config.algo,
+            bypass_mode=config.algo in ("lora", "locon"),
+            warn_on_unmatched=False,
+        )
+    if not config.train_text_encoder:
+        network.text_encoder_loras = []
+    if not config.train_unet:
+        network.unet_loras = []
+    network.loras = network.text_encoder_loras + network.unet_loras
+    for lora in network.loras:
+        lora.to(parts.device)
+    return network
+
+
+@contextlib.contextmanager
+def _quiet_lycoris() -> Iterator[None]:
+    import logging
+
+    logger = logging.getLogger("LyCORIS")
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+@contextlib.contextmanager
+def attached(network) -> Iterator[None]:
+    """Wrap the target modules' forwards; on exit restore them exactly (no instance ``forward`` left behind)."""
+    targets = [lora.org_module[0] for lora in network.loras]
+    had_forward = [("forward" in m.__dict__, m.__dict__.get("forward")) for m in targets]
+    for lora in network.loras:
+        lora.apply_to()
+    try:
+        yield
+    finally:
+        for lora in reversed(network.loras):
+            lora.restore()
+        for module, (had, original) in zip(targets, had_forward, strict=True):
+            if had:
+                module.forward = original
+            else:
+                module.__dict__.pop("forward", None)
+
+
+def network_tensors(network, parts: ModelParts) -> dict[str, torch.Tensor]:
+    """The network's tensors under kohya names (diffusers-style UNet paths for SD1/SD2)."""
+    table = unet_key_table(parts.unet)
+    tensors = {}
+    for lora in network.loras:
+        name = lora.lora_name
+        if name.startswith(UNET_PREFIX):
+            if name not in table:
+                raise FormatError(f"UNet module {name} has no kohya name; this model's UNet layout is not SD1/SD2")
+            name = table[name]
+        for key, value in lora.state_dict().items():
+            tensors[f"{name}.{key}"] = value
+    return tensors
+
+
+def load_network_tensors(network, parts: ModelParts, tensors: dict[str, torch.Tensor], source: str) -> None:
+    """Load kohya-named tensors into ``network``; the key sets must match exactly."""
+    reverse = {v: k for k, v in unet_key_table(parts.unet).items()}
+    grouped: dict[str, dict[str, torch.Tensor]] = collections.defaultdict(dict)
+    for key, value in tensors.items():
+        module, _, tensor = key.partition(".")
+        grouped[reverse.get(module, module)][tensor] = value
+    expected = {lora.lora_name for lora in network.loras}
+    if set(grouped) != expected:
+        missing, extra = sorted(expected - set(grouped))[:3], sorted(set(grouped) - expected)[:3]
+        raise FormatError(
+            f"{source} does not match this network (missing {missing}, unexpected {extra}); use the "
+            "same algo, conv_rank and UNet/text-encoder choice it was trained with"
+        )
+    for lora in network.loras:
+        try:
+            lora.load_state_dict({k: v.float() for k, v in grouped[lora.lora_name].items()})
+        except RuntimeError as exc:
+            raise FormatError(
+                f"{source}: {lora.lora_name} does not fit ({exc}); use the rank it was trained with"
+            ) from exc
+
+
+class NetworkTrainable:
+    """The network's parameters, how it attaches to the model, and how it is saved."""
+
+    def __init__(self, config: LoraConfig, parts: ModelParts, paths: OutputPaths, samples: list[Sample]):
+        self.config, self.parts, self.paths = config, parts, paths
+        self.name = config.network.name
+        self.network = build_network(config.network, parts)
+        self.start_step, self.resume = 0, None
+        self.main_path = path_in(paths.lora_dir, f"{self.name}.safetensors")
+        self.run_dir = paths.log_dir / self.name
+        self.started_at = time.time()
+        self.session = uuid.uuid4().hex
+        self.dataset_meta = _dataset_metadata(config.data, samples)
+
+    def parameters(self) -> list[torch.Tensor]:
+        """Every trainable tensor of the network."""
+        return [p for lora in self.network.loras for p in lora.parameters()]
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        """UNet and text-encoder groups (own learning rate, optional stop step)."""
+        net, cfg = self.network, self.config.network
+        groups = []
+        if net.unet_loras:
+            groups.append({"params": [p for lora in net.unet_loras for p in lora.parameters()], "lr_scale": 1.0})
+        if net.text_encoder_loras:
+            base = float(self.config.train.learning_rate.split(",")[0].split(":")[0])
+            scale = cfg.text_encoder_lr / base if cfg.text_encoder_lr else 1.0
+            groups.append(
+                {
+                    "params": [p for lora in net.text_encoder_loras for p in lora.parameters()],
+                    "lr_scale": scale,
+                    "stop_at": cfg.stop_text_encoder_at,
+                }
+            )
+        return groups
+
+    def attach(self, parts: ModelParts) -> contextlib.AbstractContextManager:
+        """Wrap the targets for the run (training mode for dropout), restore on exit."""
+        self.network.train()
+        return attached(self.network)
+
+    def condition(self, parts: ModelParts, prompts: list[str]) -> torch.Tensor:
+        """Plain prompt conditioning (the text-encoder LoRA, if any, acts inside)."""
+        return parts.text_encoder.encode(prompts)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The tensors as saved."""
+        return network_tensors(self.network, self.parts)
+
+    def metadata(self, step: int) -> dict[str, str]:
+        """kohya/modelspec metadata for a file saved at ``step``."""
+        cfg, p = self.config, self.parts
+        net = cfg.network
+        args = {"algo": net.algo} if net.algo in ("loha", "lokr") else {}
+        if net.conv_rank:
+            args.update({"conv_dim": str(net.conv_rank), "conv_alpha": str(net.conv_alpha)})
+        for key in ("dropout", "rank_dropout", "module_dropout"):
+            if getattr(net, key):
+                args[key] = str(getattr(net, key))
+        te_lr = net.text_encoder_lr or cfg.train.learning_rate
+        extra = {
+            "ss_sd_model_name": p.model_name or "",
+            "ss_new_sd_model_hash": p.model_hash or "",
+            "ss_clip_skip": str(cfg.train.clip_skip),
+            "ss_training_started_at": str(self.started_at),
+            "ss_training_finished_at": str(time.time()),
+            "ss_steps": str(step),
+            "ss_learning_rate": cfg.train.learning_rate,
+            "ss_unet_lr": cfg.train.learning_rate if net.train_unet else "",
+            "ss_text_encoder_lr": str(te_lr) if net.train_text_encoder else "",
+            "ss_optimizer": "torch.optim.AdamW",
+            "ss_mixed_precision": cfg.train.mixed_precision,
+            "ss_session_id": self.session,
+            "ss_noise_offset": str(cfg.train.noise_offset),
+            "ss_min_snr_gamma": str(cfg.train.min_snr_gamma),
+            "modelspec.encoder_layer": str(cfg.train.clip_skip),
+            "trainer": "sd-webui-trainer",
+            "trainer_config": to_json(cfg),
+            **self.dataset_meta,
+        }
+        return network_metadata(
+            name=self.name,
+            algo=net.algo,
+            rank=net.rank,
+            alpha=net.alpha,
+            network_args=args,
+            family=p.family,
+            prediction=p.prediction,
+            resolution=(cfg.data.width, cfg.data.height),
+            extra=extra,
+        )
+
+    def save(self, step: int, resume: ResumeState) -> list[Path]:
+        """A numbered copy in the run folder and the main file in the Lora folder (with its resume sidecar)."""
+        tensors, meta, precision = self.tensors(), self.metadata(step), self.config.network.save_precision
+        numbered = save_network(self.run_dir / "lora" / f"{self.name}-{step:06d}.safetensors", tensors, meta, precision)
+        main = save_network(self.main_path, tensors, meta, precision)
+        save_sidecar(main, resume, tensors_checksum(list(read_network(main)[0].values())))
+        return [numbered, main]
+
+
+def _dataset_metadata(data: DataConfig, samples: list[Sample]) -> dict[str, str]:
+    folder = Path(data.data_dir).name
+    tags: collections.Counter[str] = collections.Counter()
+    for sample in samples:
+        tags.update(split_tags(sample.caption or ""))
+    return {
+        "ss_num_train_images": str(len(samples)),
+        "ss_tag_frequency": json.dumps({folder: dict(tags.most_common())}),
+        "ss_dataset_dirs": json.dumps({folder: {"n_repeats": 1, "img_count": len(samples)}}),
+    }
+
+
+def _resolve_steps(config: LoraConfig, n_images: int) -> LoraConfig:
+    per_epoch = math.ceil(n_images / config.train.batch_size / config.train.gradient_accumulation)
+    train_cfg = config.train
+    if config.epochs:
+        train_cfg = dataclasses.replace(train_cfg, steps=config.epochs * per_epoch)
+    if config.save_every_epochs:
+        train_cfg = dataclasses.replace(train_cfg, save_every=config.save_every_epochs * per_epoch)
+    return dataclasses.replace(config, train=train_cfg)
+
+
+def prepare(config: LoraConfig, parts: ModelParts, paths: OutputPaths) -> tuple[LoraConfig, list[Sample], list[str]]:
+    """Validate everything and load the data before anything is written."""
+    if is_inside(paths.log_dir, paths.lora_dir):
+        raise ConfigError(f"the log folder {paths.log_dir} is inside the Lora folder {paths.lora_dir}; choose another")
+    resolve_precision(config.train.mixed_precision, parts.device)
+    main = path_in(paths.lora_dir, f"{config.network.name}.safetensors")
+    resuming = bool(config.resume_from)
+    if resuming and not Path(config.resume_from).expanduser().is_file():
+        raise ConfigError(f"resume_from {config.resume_from!r} is not an existing file", "resume_from")
+    if main.exists() and not config.network.overwrite and not (resuming and Path(config.resume_from).resolve() == main):
+        raise ConfigError(
+            f"{main} already exists; turn on network.overwrite, choose another network.name, or set "
+            "resume_from to continue it",
+            "network.name",
+        )
+    samples, template = load_training_set(config.data)
+    return _resolve_steps(config, len(samples)), samples, template
+
+
+def train_lora(
+    config: LoraConfig,
+    parts: ModelParts,
+    paths: OutputPaths,
+    hooks: TrainingHooks | None = None,
+    objective: Objective | None = None,
+) -> TrainResult:
+    """Train a LoRA/LyCORIS network on the loaded model; saves every ``save_every`` and at the end."""
+    config, samples, template = prepare(config, parts, paths)
+    trainable = NetworkTrainable(config, parts, paths, samples)
+    if config.resume_from:
+        _resume(trainable, Path(config.resume_from).expanduser())
+    if trainable.start_step >= config.train.steps:
+        raise ConfigError(
+            f"{config.resume_from} has already trained {trainable.start_step} steps and train.steps is "
+            f"{config.train.steps} (the total); raise it to train further",
+            "train.steps",
+        )
+    trainable.run_dir.mkdir(parents=True, exist_ok=True)
+    (trainable.run_dir / "config.json").write_text(to_json(config), encoding="utf-8")
+    seed = config.train.seed
+    cache = LatentCache(samples, parts.latent_encoder, config.data.latent_sampling, torch.Generator().manual_seed(seed))
+    batch_seed = seed if trainable.resume else seed + trainable.start_step
+    prompts = PromptMaker(template, config.network.name, config.data, random.Random(batch_seed))
+    batches = TrainingBatches(samples, cache, prompts, config.train.batch_size, batch_seed)
+    objective = objective or DiffusionObjective(config.train.noise_offset, config.train.min_snr_gamma)
+    return train(parts, trainable, batches, objective, config.train, hooks, LossLog(trainable.run_dir / "loss.csv"))
+
+
+def _resume(trainable: NetworkTrainable, source: Path) -> None:
+    tensors, metadata = read_network(source)
+    load_network_tensors(trainable.network, trainable.parts, tensors, source.name)
+    trainable.start_step = int(metadata.get("ss_steps", "0") or 0)
+    trainable.resume = load_sidecar(source, tensors_checksum(list(tensors.values())))
+    if metadata.get("ss_session_id"):
+        trainable.session = metadata["ss_session_id"]
