@@ -1,4 +1,4 @@
-"""Drift: the tab's fields, the config dataclasses and the API schema agree; the tab builds with gradio."""
+"""Drift: each method's tab fields, its config dataclass and the API schema agree; the tab builds with gradio."""
 
 from __future__ import annotations
 
@@ -7,8 +7,7 @@ import importlib
 import pytest
 
 from lib_trainer.config import json_schema
-from lib_trainer.methods.textual_inversion import TextualInversionConfig
-from lib_trainer.webui.form import NOT_IN_FORM, TI_FIELDS, config_paths, default_values, literal_choices, to_config_dict
+from lib_trainer.webui.form import FORMS, NOT_IN_FORM, config_paths, default_values, literal_choices, to_config_dict
 from tests.support import fake_webui
 
 
@@ -22,27 +21,39 @@ def schema_paths(schema: dict, prefix: str = "") -> set[str]:
     return paths
 
 
-def test_form_config_and_api_schema_agree():
-    form = {f.path for f in TI_FIELDS}
-    config = set(config_paths())
-    assert len(form) == len(TI_FIELDS), "a config field appears twice in the form"
+@pytest.mark.parametrize("method", sorted(FORMS))
+def test_form_config_and_api_schema_agree(method):
+    cls, fields = FORMS[method]
+    form = {f.path for f in fields}
+    config = set(config_paths(cls))
+    assert len(form) == len(fields), "a config field appears twice in the form"
     assert form == config - NOT_IN_FORM
-    assert schema_paths(json_schema(TextualInversionConfig)) == config
+    assert schema_paths(json_schema(cls)) == config
 
 
-def test_choices_match_the_literals():
-    for field in TI_FIELDS:
-        choices = literal_choices(field.path)
+@pytest.mark.parametrize("method", sorted(FORMS))
+def test_choices_match_the_literals(method):
+    cls, fields = FORMS[method]
+    for field in fields:
+        choices = literal_choices(field.path, cls)
         if choices:
             assert set(field.choices) == set(choices), field.path
 
 
-def test_form_defaults_build_a_valid_config(tmp_path):
-    values = default_values()
-    values.update({"embedding.name": "zq", "data.data_dir": str(tmp_path), "train.steps": 10.0})
-    config = TextualInversionConfig.from_dict(to_config_dict(values))
+@pytest.mark.parametrize(("method", "name_path"), [("textual_inversion", "embedding.name"), ("lora", "network.name")])
+def test_form_defaults_build_a_valid_config(method, name_path, tmp_path):
+    cls, fields = FORMS[method]
+    values = default_values(method)
+    values.update({name_path: "zq", "data.data_dir": str(tmp_path), "train.steps": 10.0})
+    config = cls.from_dict(to_config_dict(values, fields))
     assert config.train.steps == 10
-    assert config.train.learning_rate == "0.005"
+
+
+def test_api_schema_offers_every_method():
+    from lib_trainer.webui.api import JOB_SCHEMA
+
+    assert JOB_SCHEMA["properties"]["method"]["enum"] == ["textual_inversion", "lora"]
+    assert len(JOB_SCHEMA["properties"]["config"]["oneOf"]) == 2
 
 
 def test_tab_builds_with_gradio(sd1_model, tmp_path):
@@ -53,7 +64,15 @@ def test_tab_builds_with_gradio(sd1_model, tmp_path):
         ((tab, title, elem_id),) = entry.on_ui_tabs()
         assert (title, elem_id) == ("Trainer", "trainer")
         ids = {getattr(block, "elem_id", None) for block in tab.blocks.values()}
-        assert {"trainer_" + f.path.replace(".", "_") for f in TI_FIELDS} <= ids
-        assert {"trainer_train", "trainer_interrupt", "trainer_save_now", "trainer_job_id", "trainer_live"} <= ids
+        for method, (_, fields) in FORMS.items():
+            assert {f"trainer_{method}_" + f.path.replace(".", "_") for f in fields} <= ids
+        assert {
+            "trainer_train",
+            "trainer_train_lora",
+            "trainer_interrupt",
+            "trainer_save_now",
+            "trainer_job_id",
+            "trainer_live",
+        } <= ids
     finally:
         fake_webui.uninstall()

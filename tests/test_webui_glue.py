@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import sys
 import types
 from pathlib import Path
 
@@ -209,4 +210,62 @@ def test_routes_are_in_the_openapi_docs(client):
         "/trainer/v1/embeddings",
     } <= set(paths)
     body = paths["/trainer/v1/jobs"]["post"]["requestBody"]["content"]["application/json"]["schema"]
-    assert body["properties"]["config"]["properties"]["train"]["properties"]["steps"]["default"] == 1000
+    ti_schema = body["properties"]["config"]["oneOf"][0]
+    assert ti_schema["properties"]["train"]["properties"]["steps"]["default"] == 1000
+
+
+def lora_job(data: Path, **train) -> dict:
+    return {
+        "network": {"name": "zqlora", "rank": 4, "alpha": 2.0},
+        "data": {"data_dir": str(data), "width": 64, "height": 64, "template": "none"},
+        "train": {"steps": 4, "save_every": 2, "preview_every": 2, "learning_rate": "1e-3", **train},
+    }
+
+
+class FakeNetworks(types.ModuleType):
+    """The built-in Lora extension's names host.py uses, with the WebUI's SD1 name conversion for our keys."""
+
+    def __init__(self, model):
+        super().__init__("networks")
+        self.loaded_networks, self.listed, self.model = [], 0, model
+
+    def list_available_networks(self):
+        self.listed += 1
+
+    def assign_network_names_to_compvis_modules(self, sd_model):
+        mapping = {}
+        for name, _ in sd_model.model.diffusion_model.named_modules():
+            mapping["diffusion_model_" + name.replace(".", "_")] = name
+        sd_model.network_layer_mapping = mapping
+
+    def convert_diffusers_name_to_compvis(self, key, is_sd2):
+        from lib_trainer.models.kohya_names import unet_key_table
+
+        reverse = {v: k for k, v in unet_key_table(self.model.model.diffusion_model).items()}
+        return reverse.get(key, key).replace("lora_unet_", "diffusion_model_")
+
+
+def test_lora_job_trains_previews_verifies_and_refreshes(webui, sd1_model, monkeypatch):
+    networks = FakeNetworks(sd1_model)
+    monkeypatch.setitem(sys.modules, "networks", networks)
+    before = state_fingerprint(sd1_model)
+    job = webui.manager.wait(webui.manager.submit("lora", lora_job(webui.data), PREVIEW).id, timeout=120)
+    assert job.state == "done", job.error
+    assert job.warnings == []
+    assert (webui.root / "models" / "Lora" / "zqlora.safetensors").is_file()
+    assert [s for s, _ in job.previews] == [2, 4]
+    assert networks.listed == 1
+    assert job.summary()["name"] == "zqlora"
+    after = state_fingerprint(sd1_model)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    del sd1_model.network_layer_mapping
+
+
+def test_lora_keys_the_webui_cannot_place_are_reported(webui, sd1_model, monkeypatch):
+    networks = FakeNetworks(sd1_model)
+    networks.convert_diffusers_name_to_compvis = lambda key, is_sd2: key  # a host that maps nothing
+    monkeypatch.setitem(sys.modules, "networks", networks)
+    job = webui.manager.wait(webui.manager.submit("lora", lora_job(webui.data, preview_every=0)).id, timeout=120)
+    assert job.state == "done"
+    assert "do not match the WebUI's modules" in job.warnings[0]
+    del sd1_model.network_layer_mapping

@@ -9,7 +9,7 @@ from fastapi.responses import JSONResponse, Response
 
 from lib_trainer.config import json_schema
 from lib_trainer.errors import TrainerError
-from lib_trainer.methods.textual_inversion import EmbeddingConfig, TextualInversionConfig
+from lib_trainer.methods.textual_inversion import EmbeddingConfig
 from lib_trainer.webui.jobs import METHODS, JobManager
 
 PREFIX = "/trainer/v1"
@@ -18,7 +18,10 @@ JOB_SCHEMA = {
     "required": ["method", "config"],
     "properties": {
         "method": {"type": "string", "enum": list(METHODS)},
-        "config": json_schema(TextualInversionConfig),
+        "config": {
+            "oneOf": [json_schema(spec.config) for spec in METHODS.values()],
+            "description": "the config of the chosen method",
+        },
         "preview": {
             "type": "object",
             "description": "txt2img settings for previews: prompt ([name] allowed), "

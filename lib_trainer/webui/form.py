@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, get_args, get_origin
 
 from lib_trainer.data.templates import builtin_templates
+from lib_trainer.methods.lora import LoraConfig
 from lib_trainer.methods.textual_inversion import TextualInversionConfig
 
 
@@ -27,14 +28,10 @@ class FormField:
     step: float | None = None
     choices: tuple[str, ...] = ()
     info: str = ""
+    default: Any = None  # None: the config dataclass's default
 
 
-TI_FIELDS: tuple[FormField, ...] = (
-    FormField("embedding.name", "Name (the word you type in prompts)", "text"),
-    FormField("embedding.init_text", "Initialization text", "text", info="empty = zeros"),
-    FormField("embedding.num_vectors", "Vectors per token", "slider", 1, 75, 1),
-    FormField("embedding.overwrite", "Overwrite an existing embedding of that name", "checkbox"),
-    FormField("resume_from", "Resume from file (optional)", "text", info=".safetensors, WebUI .pt or kohya file"),
+DATA_FIELDS: tuple[FormField, ...] = (
     FormField("data.data_dir", "Dataset folder", "text"),
     FormField(
         "data.template",
@@ -51,6 +48,8 @@ TI_FIELDS: tuple[FormField, ...] = (
     FormField("data.keep_tags", "Keep first N tags in place", "int", 0, 100, 1),
     FormField("data.tag_dropout", "Tag drop-out", "slider", 0.0, 0.95, 0.05),
     FormField("data.latent_sampling", "Latent sampling", "radio", choices=("once", "deterministic", "random")),
+)
+TRAIN_FIELDS: tuple[FormField, ...] = (
     FormField("train.steps", "Max steps (total)", "int", 1, 10_000_000, 1),
     FormField("train.batch_size", "Batch size", "int", 1, 1024, 1),
     FormField("train.gradient_accumulation", "Gradient accumulation", "int", 1, 1024, 1),
@@ -71,6 +70,41 @@ TI_FIELDS: tuple[FormField, ...] = (
     ),
     FormField("train.min_snr_gamma", "Min-SNR gamma", "number", 0.0, 100.0, info="0 = off; 5 is common"),
 )
+TI_FIELDS: tuple[FormField, ...] = (
+    FormField("embedding.name", "Name (the word you type in prompts)", "text"),
+    FormField("embedding.init_text", "Initialization text", "text", info="empty = zeros"),
+    FormField("embedding.num_vectors", "Vectors per token", "slider", 1, 75, 1),
+    FormField("embedding.overwrite", "Overwrite an existing embedding of that name", "checkbox"),
+    FormField("resume_from", "Resume from file (optional)", "text", info=".safetensors, WebUI .pt or kohya file"),
+    *DATA_FIELDS,
+    *TRAIN_FIELDS,
+)
+LORA_FIELDS: tuple[FormField, ...] = (
+    FormField("network.name", "Name (used as <lora:name:1>)", "text"),
+    FormField("network.algo", "Algorithm", "radio", choices=("lora", "locon", "loha", "lokr")),
+    FormField("network.rank", "Rank (dim)", "slider", 1, 256, 1),
+    FormField("network.alpha", "Alpha", "number", 0.0, None),
+    FormField("network.conv_rank", "Conv rank (0 = no ResBlock convs; not for plain lora)", "slider", 0, 256, 1),
+    FormField("network.conv_alpha", "Conv alpha", "number", 0.0, None),
+    FormField("network.dropout", "Dropout", "slider", 0.0, 0.95, 0.05),
+    FormField("network.rank_dropout", "Rank dropout", "slider", 0.0, 0.95, 0.05),
+    FormField("network.module_dropout", "Module dropout", "slider", 0.0, 0.95, 0.05),
+    FormField("network.train_unet", "Train the UNet", "checkbox"),
+    FormField("network.train_text_encoder", "Train the text encoder (SD1)", "checkbox"),
+    FormField("network.text_encoder_lr", "Text encoder LR (0 = same as UNet)", "number", 0.0, 1.0),
+    FormField("network.stop_text_encoder_at", "Stop training the text encoder at step (0 = never)", "int", 0),
+    FormField("network.save_precision", "Save precision", "radio", choices=("fp16", "bf16", "fp32")),
+    FormField("network.overwrite", "Overwrite an existing LoRA of that name", "checkbox"),
+    FormField("resume_from", "Resume from a LoRA file (optional)", "text"),
+    FormField("epochs", "Epochs (0 = use max steps)", "int", 0, 100_000, 1),
+    FormField("save_every_epochs", "Save every N epochs (0 = use save every N steps)", "int", 0, 100_000, 1),
+    *(dataclasses.replace(f, default="none") if f.path == "data.template" else f for f in DATA_FIELDS),
+    *TRAIN_FIELDS,
+)
+FORMS: dict[str, tuple[type, tuple[FormField, ...]]] = {
+    "textual_inversion": (TextualInversionConfig, TI_FIELDS),
+    "lora": (LoraConfig, LORA_FIELDS),
+}
 NOT_IN_FORM = {"version"}  # set by the extension itself
 
 
@@ -87,10 +121,11 @@ def config_paths(cls: type = TextualInversionConfig, prefix: str = "") -> list[s
     return paths
 
 
-def default_values(fields: tuple[FormField, ...] = TI_FIELDS) -> dict[str, Any]:
-    """Each field's default from the config dataclasses (what the tab shows first)."""
-    defaults = _defaults(TextualInversionConfig)
-    return {f.path: defaults.get(f.path) for f in fields}
+def default_values(method: str = "textual_inversion") -> dict[str, Any]:
+    """Each field's default (the form's own, else the config dataclass's): what the tab shows first."""
+    cls, fields = FORMS[method]
+    defaults = _defaults(cls)
+    return {f.path: f.default if f.default is not None else defaults.get(f.path) for f in fields}
 
 
 def _defaults(cls: type, prefix: str = "") -> dict[str, Any]:
@@ -112,7 +147,7 @@ def _flatten(data: dict[str, Any], prefix: str) -> dict[str, Any]:
     return {f"{prefix}{k}": v for k, v in data.items()}
 
 
-def to_config_dict(values: dict[str, Any], fields: tuple[FormField, ...] = TI_FIELDS) -> dict[str, Any]:
+def to_config_dict(values: dict[str, Any], fields: tuple[FormField, ...]) -> dict[str, Any]:
     """Nested config dict from ``{path: value}`` (numbers from sliders become ints where the field is int)."""
     nested: dict[str, Any] = {}
     kinds = {f.path: f for f in fields}
@@ -130,9 +165,8 @@ def to_config_dict(values: dict[str, Any], fields: tuple[FormField, ...] = TI_FI
     return nested
 
 
-def literal_choices(path: str) -> tuple[str, ...]:
-    """The allowed values of a Literal config field (empty for other types)."""
-    cls: Any = TextualInversionConfig
+def literal_choices(path: str, cls: Any = TextualInversionConfig) -> tuple[str, ...]:
+    """The allowed values of a Literal config field of ``cls`` (empty for other types)."""
     *parents, leaf = path.split(".")
     for parent in parents:
         cls = typing.get_type_hints(cls)[parent]

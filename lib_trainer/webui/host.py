@@ -12,7 +12,9 @@ The host surface used here, kept honest by tests/test_webui_real.py against a re
     modules.processing: StableDiffusionProcessing.cached_c/cached_uc, StableDiffusionProcessingTxt2Img,
         process_images
     modules.sd_samplers.samplers_map
-    sys.modules["networks"].loaded_networks (the built-in Lora extension, when loaded)
+    sys.modules["networks"] (the built-in Lora extension, when loaded): loaded_networks, list_available_networks(),
+        assign_network_names_to_compvis_modules(sd_model), convert_diffusers_name_to_compvis(key, is_sd2);
+        shared.sd_model.network_layer_mapping
 """
 
 from __future__ import annotations
@@ -114,6 +116,41 @@ def reset_conditioning_cache() -> None:
     """Forget cached prompt conditioning (its key ignores embedding contents)."""
     processing.StableDiffusionProcessing.cached_c = [None, None]
     processing.StableDiffusionProcessing.cached_uc = [None, None]
+
+
+def refresh_loras() -> None:
+    """Rescan the Lora folder so a new LoRA shows in the Lora panel; forget cached conditioning."""
+    reset_conditioning_cache()
+    networks = sys.modules.get("networks")
+    if networks is not None and hasattr(networks, "list_available_networks"):
+        networks.list_available_networks()
+
+
+def unmatched_lora_keys(path: Path) -> list[str]:
+    """Module names in a saved LoRA that the WebUI's own name mapping cannot place (empty = all load).
+
+    Uses the built-in Lora extension's ``convert_diffusers_name_to_compvis`` and the model's
+    ``network_layer_mapping`` as its loader does, without its LDM-name fallback, so a wrong diffusers name
+    is reported rather than silently matched. Returns [] when the Lora extension is not loaded.
+    """
+    import safetensors
+
+    networks = sys.modules.get("networks")
+    model = shared.sd_model
+    if networks is None or not hasattr(networks, "convert_diffusers_name_to_compvis"):
+        return []
+    if not hasattr(model, "network_layer_mapping"):
+        networks.assign_network_names_to_compvis_modules(model)
+    mapping = model.network_layer_mapping
+    is_sd2 = "model_transformer_resblocks" in mapping
+    with safetensors.safe_open(str(path), framework="pt", device="cpu") as fh:
+        names = sorted({key.partition(".")[0] for key in fh.keys()})  # noqa: SIM118
+    unmatched = []
+    for name in names:
+        key = networks.convert_diffusers_name_to_compvis(name, is_sd2)
+        if key not in mapping:
+            unmatched.append(name)
+    return unmatched
 
 
 def refresh_embeddings() -> None:

@@ -7,12 +7,14 @@ the host-glue module (lib_trainer.webui.host in the WebUI; a fake in tests).
 
 from __future__ import annotations
 
+import contextlib
 import io
 import itertools
 import queue
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -20,10 +22,46 @@ from typing import Any
 
 from lib_trainer.errors import TrainerError
 from lib_trainer.loop.hooks import Progress, TrainingHooks
+from lib_trainer.methods import lora
 from lib_trainer.methods import textual_inversion as ti
 
-METHODS = ("textual_inversion",)
 MAX_PREVIEWS = 32
+
+
+def _run_textual_inversion(job: Job, host: ModuleType, hooks: TrainingHooks):
+    folders = host.folders()
+    paths = ti.OutputPaths(folders.embeddings, folders.logs / "textual_inversion")
+    return ti.train_embedding(job.config, host.model_parts(job.config.train.clip_skip), paths, hooks)
+
+
+def _run_lora(job: Job, host: ModuleType, hooks: TrainingHooks):
+    folders = host.folders()
+    paths = lora.OutputPaths(folders.lora, folders.logs / "lora")
+    result = lora.train_lora(job.config, host.model_parts(job.config.train.clip_skip), paths, hooks)
+    saved = [Path(s["path"]) for s in job.saved if Path(s["path"]).parent == folders.lora]
+    if saved:
+        unmatched = host.unmatched_lora_keys(saved[-1])
+        if unmatched:
+            job.warnings.append(f"{len(unmatched)} key(s) do not match the WebUI's modules: {', '.join(unmatched[:5])}")
+    return result
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """How the job queue builds, names and runs one training method."""
+
+    config: type
+    name: Callable[[Any], str]
+    run: Callable[[Job, ModuleType, TrainingHooks], Any]
+    refresh: str  # the host function that makes new files appear in its panels
+
+
+METHODS: dict[str, MethodSpec] = {
+    "textual_inversion": MethodSpec(
+        ti.TextualInversionConfig, lambda c: c.embedding.name, _run_textual_inversion, "refresh_embeddings"
+    ),
+    "lora": MethodSpec(lora.LoraConfig, lambda c: c.network.name, _run_lora, "refresh_loras"),
+}
 
 
 @dataclass
@@ -45,6 +83,7 @@ class Job:
     saved: list[dict[str, Any]] = field(default_factory=list)
     previews: list[tuple[int, bytes]] = field(default_factory=list)
     error: str | None = None
+    warnings: list[str] = field(default_factory=list)
     created_at: float = field(default_factory=time.time)
     cancel_requested: bool = False
     save_requested: bool = False
@@ -66,7 +105,8 @@ class Job:
             "error": self.error,
             "created_at": self.created_at,
             "previews": [{"index": i, "step": step} for i, (step, _) in enumerate(self.previews)],
-            "name": getattr(getattr(self.config, "embedding", None), "name", None),
+            "name": METHODS[self.method].name(self.config),
+            "warnings": list(self.warnings),
         }
 
 
@@ -99,15 +139,31 @@ class JobHooks(TrainingHooks):
     def on_preview(self, step: int, state: Any) -> None:
         if not self.job.preview or not self.job.preview.get("enabled", True):
             return
-        self.host.register_embedding(self.name, state.parameters()[0])
         settings = {**self.job.preview, "prompt": self.job.preview.get("prompt") or self.name}
         settings["prompt"] = settings["prompt"].replace("[name]", self.name)
-        for image in self.host.render_txt2img(settings):
+        with self._preview_state(state):
+            images = self.host.render_txt2img(settings)
+        for image in images:
             buffer = io.BytesIO()
             image.save(buffer, format="PNG")
             self.job.previews.append((step, buffer.getvalue()))
             self.host.show_image(image)
         del self.job.previews[:-MAX_PREVIEWS]
+
+    @contextlib.contextmanager
+    def _preview_state(self, state: Any):
+        """The training state as txt2img should see it: a LoRA stays attached (in eval mode), an embedding is
+        registered with the host under its name."""
+        network = getattr(state, "network", None)
+        if network is None:
+            self.host.register_embedding(self.name, state.parameters()[0])
+            yield
+            return
+        network.eval()
+        try:
+            yield
+        finally:
+            network.train()
 
 
 class JobManager:
@@ -125,7 +181,7 @@ class JobManager:
         """Validate ``config`` for ``method`` (TrainerError when invalid) and queue a job; returns at once."""
         if method not in METHODS:
             raise TrainerError(f"method {method!r} is unknown; valid methods: {', '.join(METHODS)}", field="method")
-        parsed = ti.TextualInversionConfig.from_dict(config)
+        parsed = METHODS[method].config.from_dict(config)
         with self._lock:
             job = Job(id=f"{int(time.time())}-{next(self._ids)}", method=method, config=parsed, preview=preview)
             self.jobs[job.id] = job
@@ -167,11 +223,13 @@ class JobManager:
         if job.cancel_requested:
             job.state = "cancelled"
             return
-        name = job.config.embedding.name
+        spec = METHODS[job.method]
+        name = spec.name(job.config)
         with self.host.queue_lock(), self.host.job_state(f"trainer: {name}", job.config.train.steps):
             job.state = "running"
             try:
-                result = self._train(job, name)
+                self.host.clear_merged_networks()
+                result = spec.run(job, self.host, JobHooks(job, self.host, name))
                 job.state = "interrupted" if result.stopped else "done"
             except TrainerError as exc:
                 job.state, job.error = "failed", str(exc)
@@ -179,12 +237,4 @@ class JobManager:
                 job.state, job.error = "failed", f"{type(exc).__name__}: {exc}"
                 traceback.print_exc()
             finally:
-                self.host.refresh_embeddings()
-
-    def _train(self, job: Job, name: str):
-        host = self.host
-        host.clear_merged_networks()
-        parts = host.model_parts(job.config.train.clip_skip)
-        folders = host.folders()
-        paths = ti.OutputPaths(folders.embeddings, folders.logs / "textual_inversion")
-        return ti.train_embedding(job.config, parts, paths, JobHooks(job, host, name))
+                getattr(self.host, spec.refresh)()

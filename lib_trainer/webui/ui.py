@@ -1,7 +1,8 @@
 """The Trainer tab (gradio 3.41 API, also run under Forge's gradio 4 shims). No torch math here.
 
-Controls come from form.TI_FIELDS; Train submits a job to the same JobManager the REST API uses, and
-javascript/trainer.js polls /trainer/v1/jobs/{id} to draw the progress bar, the loss chart and previews.
+Each method's controls come from form.FORMS; its Train button submits a job to the JobManager the REST API
+uses. One run panel (interrupt, save now, progress, loss chart, previews) serves every method:
+javascript/trainer.js polls /trainer/v1/jobs/{id} for the job whose id sits in ``#trainer_job_id``.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from typing import Any
 import gradio as gr
 
 from lib_trainer.errors import TrainerError
-from lib_trainer.webui.form import TI_FIELDS, FormField, default_values, to_config_dict
+from lib_trainer.webui.form import FORMS, FormField, default_values, to_config_dict
 from lib_trainer.webui.jobs import JobManager
 
 PREVIEW_DEFAULTS = {
@@ -25,11 +26,19 @@ PREVIEW_DEFAULTS = {
     "width": 512,
     "height": 512,
 }
+GROUPS = {
+    "textual_inversion": {"Embedding": ("embedding.", "resume_from"), "Dataset": ("data.",), "Training": ("train.",)},
+    "lora": {
+        "Network": ("network.", "resume_from", "epochs", "save_every_epochs"),
+        "Dataset": ("data.",),
+        "Training": ("train.",),
+    },
+}
 
 
-def build_component(field: FormField, value: Any) -> gr.components.Component:
-    """A gradio component for one form field, elem_id ``trainer_<path>``."""
-    elem_id = "trainer_" + field.path.replace(".", "_")
+def build_component(field: FormField, value: Any, method: str) -> gr.components.Component:
+    """A gradio component for one form field, elem_id ``trainer_<method>_<path>``."""
+    elem_id = f"trainer_{method}_" + field.path.replace(".", "_")
     common = {"label": field.label, "elem_id": elem_id}
     if field.info:
         common["info"] = field.info
@@ -50,38 +59,49 @@ def create_tab(
     manager: JobManager, create_embedding: Callable[[dict], Any], model_label: Callable[[], str], samplers: list[str]
 ) -> gr.Blocks:
     """Build the Trainer tab's Blocks."""
-    defaults = default_values()
     with gr.Blocks(analytics_enabled=False) as tab, gr.Column(elem_id="trainer_root"):
         model_info = gr.Markdown(elem_id="trainer_model_info")
+        job_id = gr.Textbox(visible=False, elem_id="trainer_job_id")
+        status = gr.HTML(elem_id="trainer_status")
+        forms = {}
         with gr.Tabs(elem_id="trainer_tabs"):
             with gr.Tab("Embedding", elem_id="trainer_tab_embedding"):
-                components = _embedding_controls(defaults)
-                preview = _preview_controls(samplers)
-                _run_controls(manager, components, preview, create_embedding)
-            for title in ("Hypernetwork", "LoRA", "Dataset"):
+                forms["textual_inversion"] = _method_controls("textual_inversion")
+                create_btn = gr.Button("Create embedding", elem_id="trainer_create")
+                train_ti = gr.Button("Train embedding", variant="primary", elem_id="trainer_train")
+            with gr.Tab("LoRA", elem_id="trainer_tab_lora"):
+                forms["lora"] = _method_controls("lora")
+                train_lora = gr.Button("Train LoRA", variant="primary", elem_id="trainer_train_lora")
+            for title in ("Hypernetwork", "Dataset"):
                 with gr.Tab(title, elem_id=f"trainer_tab_{title.lower()}"):
-                    gr.Markdown(f"{title} training arrives in a later version of the trainer.")
+                    gr.Markdown(f"{title} arrives in a later version of the trainer.")
+        preview = _preview_controls(samplers)
+        _run_panel(manager, job_id, status)
+        _wire_train(manager, train_ti, "textual_inversion", forms["textual_inversion"], preview, job_id, status)
+        _wire_train(manager, train_lora, "lora", forms["lora"], preview, job_id, status)
+        _wire_create(create_embedding, create_btn, forms["textual_inversion"], status)
         tab.load(fn=lambda: f"**Loaded model:** {model_label()}", inputs=[], outputs=[model_info])
     return tab
 
 
-def _embedding_controls(defaults: dict[str, Any]) -> dict[str, gr.components.Component]:
-    groups = {"Embedding": "embedding.", "Dataset": "data.", "Training": "train."}
+def _method_controls(method: str) -> dict[str, gr.components.Component]:
+    defaults = default_values(method)
+    fields = FORMS[method][1]
     components: dict[str, gr.components.Component] = {}
-    for title, prefix in groups.items():
-        with gr.Accordion(title, open=title != "Training", elem_id=f"trainer_acc_{title.lower()}"):
-            for field in TI_FIELDS:
-                if field.path.startswith(prefix) or (prefix == "embedding." and "." not in field.path):
-                    components[field.path] = build_component(field, defaults[field.path])
+    for title, prefixes in GROUPS[method].items():
+        with gr.Accordion(title, open=title != "Training", elem_id=f"trainer_{method}_acc_{title.lower()}"):
+            for field in fields:
+                if field.path.startswith(prefixes) and field.path not in components:
+                    components[field.path] = build_component(field, defaults[field.path], method)
     return components
 
 
 def _preview_controls(samplers: list[str]) -> dict[str, gr.components.Component]:
+    d = PREVIEW_DEFAULTS
     with gr.Accordion("Previews (rendered by txt2img)", open=False, elem_id="trainer_acc_previews"):
-        d = PREVIEW_DEFAULTS
         return {
             "prompt": gr.Textbox(
-                label="Prompt ([name] = the embedding)", value=d["prompt"], elem_id="trainer_preview_prompt"
+                label="Prompt ([name] = the embedding/LoRA name)", value=d["prompt"], elem_id="trainer_preview_prompt"
             ),
             "negative_prompt": gr.Textbox(label="Negative prompt", value="", elem_id="trainer_preview_negative"),
             "steps": gr.Slider(
@@ -102,38 +122,15 @@ def _preview_controls(samplers: list[str]) -> dict[str, gr.components.Component]
         }
 
 
-def _run_controls(manager, components, preview, create_embedding) -> None:
+def _run_panel(manager: JobManager, job_id, status) -> None:
     with gr.Row():
-        create_btn = gr.Button("Create embedding", elem_id="trainer_create")
-        train_btn = gr.Button("Train", variant="primary", elem_id="trainer_train")
         interrupt_btn = gr.Button("Interrupt", elem_id="trainer_interrupt")
         save_btn = gr.Button("Save now", elem_id="trainer_save_now")
-    status = gr.HTML(elem_id="trainer_status")
-    job_id = gr.Textbox(visible=False, elem_id="trainer_job_id")
     gr.HTML(
         '<div id="trainer_progress"></div><canvas id="trainer_loss_chart" width="640" height="200"></canvas>'
         '<div id="trainer_previews"></div>',
         elem_id="trainer_live",
     )
-    paths, controls = list(components), list(components.values())
-    preview_keys, preview_controls = list(preview), list(preview.values())
-
-    def train(*values):
-        config = to_config_dict(dict(zip(paths, values[: len(paths)], strict=True)))
-        settings = dict(zip(preview_keys, values[len(paths) :], strict=True))
-        try:
-            job = manager.submit("textual_inversion", config, settings)
-        except TrainerError as exc:
-            raise gr.Error(str(exc)) from exc
-        return job.id, f"Job {job.id} queued."
-
-    def create(*values):
-        config = to_config_dict(dict(zip(paths, values, strict=True)))
-        try:
-            path = create_embedding(config["embedding"])
-        except TrainerError as exc:
-            raise gr.Error(str(exc)) from exc
-        return f"Created {path}."
 
     def interrupt(current):
         return f"Interrupt requested for job {current}." if current and manager.cancel(current) else "No job running."
@@ -144,7 +141,37 @@ def _run_controls(manager, components, preview, create_embedding) -> None:
             job.save_requested = True
         return "Saving at the next step." if job else "No job running."
 
-    train_btn.click(fn=train, inputs=controls + preview_controls, outputs=[job_id, status])
-    create_btn.click(fn=create, inputs=controls, outputs=[status])
     interrupt_btn.click(fn=interrupt, inputs=[job_id], outputs=[status])
     save_btn.click(fn=save_now, inputs=[job_id], outputs=[status])
+
+
+def _wire_train(manager: JobManager, button, method: str, components, preview, job_id, status) -> None:
+    paths, controls = list(components), list(components.values())
+    preview_keys, preview_controls = list(preview), list(preview.values())
+    fields = FORMS[method][1]
+
+    def train(*values):
+        config = to_config_dict(dict(zip(paths, values[: len(paths)], strict=True)), fields)
+        settings = dict(zip(preview_keys, values[len(paths) :], strict=True))
+        try:
+            job = manager.submit(method, config, settings)
+        except TrainerError as exc:
+            raise gr.Error(str(exc)) from exc
+        return job.id, f"Job {job.id} queued."
+
+    button.click(fn=train, inputs=controls + preview_controls, outputs=[job_id, status])
+
+
+def _wire_create(create_embedding, button, components, status) -> None:
+    paths, controls = list(components), list(components.values())
+    fields = FORMS["textual_inversion"][1]
+
+    def create(*values):
+        config = to_config_dict(dict(zip(paths, values, strict=True)), fields)
+        try:
+            path = create_embedding(config["embedding"])
+        except TrainerError as exc:
+            raise gr.Error(str(exc)) from exc
+        return f"Created {path}."
+
+    button.click(fn=create, inputs=controls, outputs=[status])
