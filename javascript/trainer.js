@@ -67,6 +67,15 @@
         }
     }
 
+    // the WebUI's extra-networks panels list files when built; press their refresh so new files show up
+    function trainerRefreshPanels(method) {
+        var page = method === "lora" ? "lora" : "textual_inversion";
+        ["txt2img", "img2img"].forEach(function(tab) {
+            var button = gradioApp().querySelector("#" + tab + "_" + page + "_extra_refresh");
+            if (button) button.click();
+        });
+    }
+
     function trainerPoll() {
         var box = trainerJobIdBox();
         var id = box ? box.value : "";
@@ -83,6 +92,7 @@
                 if (!job) return;
                 trainerRender(job);
                 trainerState.done = ["done", "failed", "interrupted", "cancelled"].indexOf(job.state) >= 0;
+                if (trainerState.done && job.saved.length) trainerRefreshPanels(job.method);
             })
             .catch(function() {});
     }
