@@ -29,6 +29,7 @@ from lib_trainer.config import build  # noqa: E402
 from lib_trainer.formats.embedding import EmbeddingFile  # noqa: E402
 from lib_trainer.loop.hooks import TrainingHooks  # noqa: E402
 from lib_trainer.loop.train import train  # noqa: E402
+from lib_trainer.methods import lora  # noqa: E402
 from lib_trainer.methods.textual_inversion import (  # noqa: E402
     EmbeddingTrainable,
     OutputPaths,
@@ -90,15 +91,58 @@ def bench_textual_inversion(
     start = EmbeddingFile(initial_vectors(parts, "cat", 4), 0, "zqtoken")
     trainable = EmbeddingTrainable(config, parts, OutputPaths(workdir / "emb", workdir / "log"), start)
     trainable.save = lambda step, resume: []  # timing only
+    return _time_steps(parts, trainable, side, batch, config.train)
+
+
+def bench_lora(
+    model, side: int, batch: int, steps: int, precision: str, workdir: Path, algo: str = "lora"
+) -> tuple[float, float]:
+    """Milliseconds per step and peak memory for a rank-16 LoRA/LyCORIS network on the UNet (kohya's targets)."""
+    parts = parts_from_ldm(model)
+    config = build(
+        lora.LoraConfig,
+        {
+            "network": {
+                "name": "zqnet",
+                "algo": algo,
+                "rank": 16,
+                "alpha": 8.0,
+                "conv_rank": 8 if algo != "lora" else 0,
+            },
+            "data": {"data_dir": str(workdir)},
+            "train": {
+                "steps": steps,
+                "batch_size": batch,
+                "mixed_precision": precision,
+                "save_every": 0,
+                "preview_every": 0,
+                "learning_rate": "1e-4",
+            },
+        },
+    )
+    trainable = lora.NetworkTrainable(config, parts, lora.OutputPaths(workdir / "Lora", workdir / "log"), [])
+    trainable.save = lambda step, resume: []  # timing only
+    return _time_steps(parts, trainable, side, batch, config.train)
+
+
+def _time_steps(parts, trainable, side: int, batch: int, train_config) -> tuple[float, float]:
     clock = StepClock()
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    train(parts, trainable, RandomLatents(batch, side), DiffusionObjective(), config.train, clock)
+    train(parts, trainable, RandomLatents(batch, side), DiffusionObjective(), train_config, clock)
     deltas = sorted(b - a for a, b in zip(clock.times[2:], clock.times[3:], strict=False))
     ms = 1000 * deltas[len(deltas) // 2]
     if torch.cuda.is_available():
         return ms, torch.cuda.max_memory_allocated() / 2**20
     return ms, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+METHODS = {
+    "textual_inversion": lambda *a: bench_textual_inversion(*a),
+    "lora": lambda *a: bench_lora(*a, algo="lora"),
+    "locon": lambda *a: bench_lora(*a, algo="locon"),
+    "loha": lambda *a: bench_lora(*a, algo="loha"),
+}
 
 
 def main() -> None:
@@ -107,6 +151,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--sizes", default="tiny,full" if torch.cuda.is_available() else "tiny")
     parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--methods", default=",".join(METHODS))
     args = parser.parse_args()
     device = torch.device(args.device)
     memory = "peak CUDA MiB" if device.type == "cuda" else "peak RSS MiB (process)"
@@ -121,20 +166,10 @@ def main() -> None:
                     if device.type == "cuda":
                         model = model.half().to(device)  # the WebUI's default storage
                         precision = "auto"
-                    ms, mib = bench_textual_inversion(model, side // 8, args.batch, args.steps, precision, Path(tmp))
-                rows.append(
-                    (
-                        "textual_inversion",
-                        family,
-                        size,
-                        f"{side}px",
-                        str(device),
-                        precision,
-                        args.batch,
-                        f"{ms:.1f}",
-                        f"{mib:.0f}",
-                    )
-                )
+                    for method in args.methods.split(","):
+                        ms, mib = METHODS[method](model, side // 8, args.batch, args.steps, precision, Path(tmp))
+                        row = (method, family, size, f"{side}px", str(device), precision, args.batch)
+                        rows.append((*row, f"{ms:.1f}", f"{mib:.0f}"))
                 del model
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
