@@ -317,3 +317,32 @@ def test_name_collision_is_refused_unless_overwrite(sd1_model, image_dir, tmp_pa
         train_lora(LoraConfig.from_dict(lora_request(image_dir)), parts_from_ldm(sd1_model), paths)
     assert (paths.lora_dir / "zqnet.safetensors").read_bytes() == b"user file"
     assert not paths.log_dir.exists()
+
+
+def test_text_encoder_stops_training_at_its_step_and_has_its_own_rate(sd1_model, image_dir, tmp_path):
+    from lib_trainer.loop.hooks import TrainingHooks
+
+    parts = parts_from_ldm(sd1_model)
+    request = lora_request(image_dir, train_text_encoder=True, stop_text_encoder_at=2, text_encoder_lr=5e-4)
+    config = LoraConfig.from_dict(request)
+    trainable = NetworkTrainable(config, parts, OutputPaths(tmp_path / "Lora", tmp_path / "log"), [])
+    groups = trainable.param_groups()
+    assert [g["lr_scale"] for g in groups] == [1.0, 0.5]
+    assert groups[1]["stop_at"] == 2
+
+    snapshots = {}
+
+    class Snap(TrainingHooks):
+        def on_preview(self, step, state):  # called every step with the trainable (preview_every=1)
+            net = state.network
+            snapshots[step] = (
+                [p.detach().clone() for lora in net.text_encoder_loras for p in lora.parameters()],
+                [p.detach().clone() for lora in net.unet_loras for p in lora.parameters()],
+            )
+
+    config = LoraConfig.from_dict({**request, "train": {**request["train"], "preview_every": 1}})
+    train_lora(config, parts, OutputPaths(tmp_path / "Lora", tmp_path / "log"), Snap())
+    te2, unet2 = snapshots[2]
+    te4, unet4 = snapshots[4]
+    assert all(torch.equal(a, b) for a, b in zip(te2, te4, strict=True))
+    assert not all(torch.equal(a, b) for a, b in zip(unet2, unet4, strict=True))
