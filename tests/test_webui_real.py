@@ -29,6 +29,8 @@ from modules import call_queue, paths_internal, processing, script_callbacks, sd
 from modules.textual_inversion import textual_inversion
 sys.path.insert(0, EXTENSION_ROOT)
 import lib_trainer.webui.host as host  # our glue imports cleanly against the real modules
+sys.path.insert(0, "extensions-builtin/Lora")
+import networks  # the built-in Lora extension's module, as host.py finds it in sys.modules
 db = sd_hijack.model_hijack.embedding_db
 state = shared.state
 params = lambda f: list(inspect.signature(f).parameters)
@@ -52,6 +54,9 @@ print(json.dumps({
     "callbacks": all(callable(getattr(script_callbacks, n, None))
                      for n in ("on_ui_tabs", "on_ui_settings", "on_app_started")),
     "host_imported": host.__name__,
+    "networks": [callable(getattr(networks, n, None)) for n in
+                 ("convert_diffusers_name_to_compvis", "assign_network_names_to_compvis_modules",
+                  "list_available_networks")] + [isinstance(networks.loaded_networks, list)],
 }))
 """
 
