@@ -143,7 +143,7 @@ def test_training_saves_numbered_copies_log_and_main_file(parts, image_dir, path
     assert [row["step"] for row in result.history] == [1, 2, 3, 4, 5, 6]
     assert sorted(p.name for p in paths.embeddings_dir.iterdir()) == [
         "zqtoken.safetensors",
-        "zqtoken.safetensors.optim",
+        "zqtoken.safetensors.trainer-state",
     ]
 
 

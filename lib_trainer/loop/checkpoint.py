@@ -1,4 +1,7 @@
-"""Resume sidecars: optimizer state, RNG states and step beside a saved file (``<file>.optim``).
+"""Resume sidecars: optimizer state, RNG states and step beside a saved file (``<file>.trainer-state``).
+
+Not ``<file>.optim``: the WebUI ``torch.load``s a hypernetwork's ``.optim`` when it loads the hypernetwork,
+and a file of another format there would make the hypernetwork fail to load.
 
 Stored as safetensors bytes (tensors) with JSON metadata (everything else), so resuming never unpickles.
 The sidecar is only used when its checksum matches the trained tensors it was written with.
@@ -18,7 +21,7 @@ import torch
 
 from lib_trainer.formats.files import write_bytes_atomic
 
-SIDECAR_SUFFIX = ".optim"
+SIDECAR_SUFFIX = ".trainer-state"
 
 
 @dataclass

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,3 +48,7 @@ class TrainingHooks:
 
     def on_preview(self, step: int, state: Any) -> None:
         """Every ``preview_every`` steps: render previews with the trainable ``state`` applied."""
+
+    def on_warning(self, message: str) -> None:
+        """Something the user should know that does not stop training (e.g. a risky learning rate)."""
+        logging.getLogger("sd-webui-trainer").warning(message)
