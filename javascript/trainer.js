@@ -69,7 +69,7 @@
 
     // the WebUI's extra-networks panels list files when built; press their refresh so new files show up
     function trainerRefreshPanels(method) {
-        var page = method === "lora" ? "lora" : "textual_inversion";
+        var page = {lora: "lora", hypernetwork: "hypernetworks"}[method] || "textual_inversion";
         ["txt2img", "img2img"].forEach(function(tab) {
             var button = gradioApp().querySelector("#" + tab + "_" + page + "_extra_refresh");
             if (button) button.click();

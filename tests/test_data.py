@@ -18,12 +18,13 @@ from lib_trainer.models.parts import LatentEncoder
 
 
 def test_shipped_templates():
-    assert builtin_templates() == ["none", "style", "style_filewords", "subject", "subject_filewords"]
+    assert builtin_templates() == ["hypernetwork", "none", "style", "style_filewords", "subject", "subject_filewords"]
+    uses_filewords = {"hypernetwork", "none", "style_filewords", "subject_filewords"}
     for name in builtin_templates():
         lines = load_template(name)
         assert lines
-        assert all("[name]" in line for line in lines)
-        assert all("[filewords]" in line for line in lines) == name.endswith("filewords") or name == "none"
+        assert all("[name]" in line for line in lines) == (name != "hypernetwork")
+        assert all("[filewords]" in line for line in lines) == (name in uses_filewords)
 
 
 @pytest.mark.parametrize(

@@ -40,7 +40,10 @@ def test_choices_match_the_literals(method):
             assert set(field.choices) == set(choices), field.path
 
 
-@pytest.mark.parametrize(("method", "name_path"), [("textual_inversion", "embedding.name"), ("lora", "network.name")])
+@pytest.mark.parametrize(
+    ("method", "name_path"),
+    [("textual_inversion", "embedding.name"), ("lora", "network.name"), ("hypernetwork", "hypernetwork.name")],
+)
 def test_form_defaults_build_a_valid_config(method, name_path, tmp_path):
     cls, fields = FORMS[method]
     values = default_values(method)
@@ -52,8 +55,8 @@ def test_form_defaults_build_a_valid_config(method, name_path, tmp_path):
 def test_api_schema_offers_every_method():
     from lib_trainer.webui.api import JOB_SCHEMA
 
-    assert JOB_SCHEMA["properties"]["method"]["enum"] == ["textual_inversion", "lora"]
-    assert len(JOB_SCHEMA["properties"]["config"]["oneOf"]) == 2
+    assert JOB_SCHEMA["properties"]["method"]["enum"] == ["textual_inversion", "lora", "hypernetwork"]
+    assert len(JOB_SCHEMA["properties"]["config"]["oneOf"]) == 3
 
 
 def test_tab_builds_with_gradio(sd1_model, tmp_path):
@@ -69,6 +72,7 @@ def test_tab_builds_with_gradio(sd1_model, tmp_path):
         assert {
             "trainer_train",
             "trainer_train_lora",
+            "trainer_train_hypernetwork",
             "trainer_interrupt",
             "trainer_save_now",
             "trainer_job_id",

@@ -269,3 +269,32 @@ def test_lora_keys_the_webui_cannot_place_are_reported(webui, sd1_model, monkeyp
     assert job.state == "done"
     assert "do not match the WebUI's modules" in job.warnings[0]
     del sd1_model.network_layer_mapping
+
+
+def test_hypernetwork_job_previews_warns_and_refreshes(webui, sd1_model, monkeypatch):
+    reloads = []
+    monkeypatch.setattr(webui.shared, "reload_hypernetworks", lambda: reloads.append(1))
+    request = {
+        "hypernetwork": {"name": "zqhn", "sizes": "32, 64"},
+        "data": {"data_dir": str(webui.data), "width": 64, "height": 64, "template": "hypernetwork"},
+        "train": {"steps": 4, "save_every": 2, "preview_every": 2, "learning_rate": "2e-4"},
+    }
+    before = state_fingerprint(sd1_model)
+    job = webui.manager.wait(webui.manager.submit("hypernetwork", request, PREVIEW).id, timeout=120)
+    assert job.state == "done", job.error
+    assert "above 0.0001" in job.warnings[0]
+    assert [s for s, _ in job.previews] == [2, 4]
+    assert (webui.root / "models" / "hypernetworks" / "zqhn.pt").is_file()
+    assert reloads == [1]
+    after = state_fingerprint(sd1_model)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert all(len(m._forward_pre_hooks) == 0 for m in sd1_model.modules())
+
+
+def test_api_creates_a_hypernetwork(client, webui):
+    reply = client.post("/trainer/v1/hypernetworks", json={"name": "made", "sizes": "32"})
+    assert reply.status_code == 200
+    assert reply.json()["path"].endswith("made.pt")
+    bad = client.post("/trainer/v1/hypernetworks", json={"name": "made2", "sizes": "768"})
+    assert bad.status_code == 422
+    assert bad.json()["detail"]["field"] == "hypernetwork.sizes"

@@ -260,6 +260,15 @@ class HypernetworkTrainable:
             p.requires_grad_(True)
         return self.net.attached(parts.unet)
 
+    @contextlib.contextmanager
+    def for_preview(self) -> Iterator[None]:
+        """While the host renders previews: hooks stay on, modules in eval mode with multiplier 1."""
+        self.net.set_mode(False)
+        try:
+            yield
+        finally:
+            self.net.set_mode(True)
+
     def condition(self, parts: ModelParts, prompts: list[str]) -> torch.Tensor:
         """Plain prompt conditioning."""
         return parts.text_encoder.encode(prompts)

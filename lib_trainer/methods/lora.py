@@ -282,6 +282,15 @@ class NetworkTrainable:
         self.network.train()
         return attached(self.network)
 
+    @contextlib.contextmanager
+    def for_preview(self) -> Iterator[None]:
+        """While the host renders previews: the network stays attached, in eval mode (no dropout)."""
+        self.network.eval()
+        try:
+            yield
+        finally:
+            self.network.train()
+
     def condition(self, parts: ModelParts, prompts: list[str]) -> torch.Tensor:
         """Plain prompt conditioning (the text-encoder LoRA, if any, acts inside)."""
         return parts.text_encoder.encode(prompts)

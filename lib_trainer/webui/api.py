@@ -9,6 +9,7 @@ from fastapi.responses import JSONResponse, Response
 
 from lib_trainer.config import json_schema
 from lib_trainer.errors import TrainerError
+from lib_trainer.methods.hypernetwork import HypernetworkSpec
 from lib_trainer.methods.textual_inversion import EmbeddingConfig
 from lib_trainer.webui.jobs import METHODS, JobManager
 
@@ -36,7 +37,7 @@ def error_response(exc: TrainerError) -> JSONResponse:
     return JSONResponse(status_code=422, content={"detail": {"field": exc.field, "message": str(exc)}})
 
 
-def register_routes(app: FastAPI, manager: JobManager, create_embedding: Any) -> None:
+def register_routes(app: FastAPI, manager: JobManager, create_embedding: Any, create_hypernetwork: Any) -> None:
     """Add the trainer's routes to the host's FastAPI app (they appear in its /docs)."""
     tags = ["sd-webui-trainer"]
 
@@ -80,19 +81,23 @@ def register_routes(app: FastAPI, manager: JobManager, create_embedding: Any) ->
             raise HTTPException(status_code=404, detail=f"job {job_id} has no preview {index}")
         return Response(content=job.previews[index][1], media_type="image/png")
 
-    @app.post(
-        f"{PREFIX}/embeddings",
-        tags=tags,
-        openapi_extra={
-            "requestBody": {"content": {"application/json": {"schema": json_schema(EmbeddingConfig)}}, "required": True}
-        },
-    )
-    def create(body: dict = Body(...)):  # noqa: B008
+    for route, schema, create in (
+        ("embeddings", EmbeddingConfig, create_embedding),
+        ("hypernetworks", HypernetworkSpec, create_hypernetwork),
+    ):
+        _add_create_route(app, f"{PREFIX}/{route}", schema, create, tags)
+
+
+def _add_create_route(app: FastAPI, path: str, schema: type, create: Any, tags: list[str]) -> None:
+    body_schema = {"content": {"application/json": {"schema": json_schema(schema)}}, "required": True}
+
+    @app.post(path, tags=tags, openapi_extra={"requestBody": body_schema})
+    def create_file(body: dict = Body(...)):  # noqa: B008 (FastAPI's declaration style)
         try:
-            path = create_embedding(body)
+            created = create(body)
         except TrainerError as exc:
             return error_response(exc)
-        return {"path": str(path)}
+        return {"path": str(created)}
 
 
 def _job_or_404(manager: JobManager, job_id: str):

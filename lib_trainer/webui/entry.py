@@ -37,11 +37,24 @@ def create_embedding(settings: dict[str, Any]) -> Path:
     return path
 
 
+def create_hypernetwork(settings: dict[str, Any]) -> Path:
+    """Create a hypernetwork file for the loaded model (the Create button and POST /hypernetworks)."""
+    from lib_trainer.config import build
+    from lib_trainer.methods.hypernetwork import HypernetworkSpec
+    from lib_trainer.methods.hypernetwork import create_hypernetwork as create
+
+    spec = build(HypernetworkSpec, settings)
+    with host.queue_lock():
+        path = create(spec, host.model_parts(), host.folders().hypernetworks)
+        host.refresh_hypernetworks()
+    return path
+
+
 def on_ui_tabs():
     """The Trainer tab."""
     from lib_trainer.webui.ui import create_tab
 
-    tab = create_tab(manager(), create_embedding, host.model_label, host.sampler_names())
+    tab = create_tab(manager(), create_embedding, create_hypernetwork, host.model_label, host.sampler_names())
     return [(tab, "Trainer", "trainer")]
 
 
@@ -54,4 +67,4 @@ def on_app_started(_demo: Any, app: Any) -> None:
     """Add /trainer/v1 routes to the WebUI's FastAPI app."""
     from lib_trainer.webui.api import register_routes
 
-    register_routes(app, manager(), create_embedding)
+    register_routes(app, manager(), create_embedding, create_hypernetwork)

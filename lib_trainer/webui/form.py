@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, get_args, get_origin
 
 from lib_trainer.data.templates import builtin_templates
+from lib_trainer.methods.hypernetwork import HypernetworkConfig
 from lib_trainer.methods.lora import LoraConfig
 from lib_trainer.methods.textual_inversion import TextualInversionConfig
 
@@ -101,9 +102,36 @@ LORA_FIELDS: tuple[FormField, ...] = (
     *(dataclasses.replace(f, default="none") if f.path == "data.template" else f for f in DATA_FIELDS),
     *TRAIN_FIELDS,
 )
+HN_FIELDS: tuple[FormField, ...] = (
+    FormField("hypernetwork.name", "Name (used as <hypernet:name:1>)", "text"),
+    FormField("hypernetwork.sizes", "Sizes (768 SD1 text, 1024 SD2 text, 320/640/1280 features)", "text"),
+    FormField("hypernetwork.layer_structure", "Layer structure", "text", info="e.g. 1, 2, 1 (starts and ends with 1)"),
+    FormField(
+        "hypernetwork.activation",
+        "Activation",
+        "dropdown",
+        choices=("linear", "relu", "leakyrelu", "elu", "swish", "tanh", "sigmoid", "mish", "softsign"),
+    ),
+    FormField(
+        "hypernetwork.weight_init",
+        "Weight initialization",
+        "dropdown",
+        choices=("Normal", "XavierUniform", "XavierNormal", "KaimingUniform", "KaimingNormal"),
+    ),
+    FormField("hypernetwork.layer_norm", "Layer normalization", "checkbox"),
+    FormField("hypernetwork.use_dropout", "Use dropout", "checkbox"),
+    FormField("hypernetwork.dropout_structure", "Dropout structure (optional)", "text", info="e.g. 0, 0.3, 0"),
+    FormField("hypernetwork.last_layer_dropout", "Dropout before the last layer", "checkbox"),
+    FormField("hypernetwork.activate_output", "Activate the output layer", "checkbox"),
+    FormField("hypernetwork.overwrite", "Overwrite an existing hypernetwork of that name", "checkbox"),
+    FormField("resume_from", "Resume from a hypernetwork .pt (optional)", "text"),
+    *(dataclasses.replace(f, default="hypernetwork") if f.path == "data.template" else f for f in DATA_FIELDS),
+    *TRAIN_FIELDS,
+)
 FORMS: dict[str, tuple[type, tuple[FormField, ...]]] = {
     "textual_inversion": (TextualInversionConfig, TI_FIELDS),
     "lora": (LoraConfig, LORA_FIELDS),
+    "hypernetwork": (HypernetworkConfig, HN_FIELDS),
 }
 NOT_IN_FORM = {"version"}  # set by the extension itself
 

@@ -153,6 +153,12 @@ def unmatched_lora_keys(path: Path) -> list[str]:
     return unmatched
 
 
+def refresh_hypernetworks() -> None:
+    """Rescan the hypernetworks folder (the WebUI lists it only at start-up otherwise)."""
+    reset_conditioning_cache()
+    shared.reload_hypernetworks()
+
+
 def refresh_embeddings() -> None:
     """Reload the embeddings folder so a new or retrained embedding shows up without a restart."""
     reset_conditioning_cache()

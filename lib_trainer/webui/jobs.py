@@ -22,6 +22,7 @@ from typing import Any
 
 from lib_trainer.errors import TrainerError
 from lib_trainer.loop.hooks import Progress, TrainingHooks
+from lib_trainer.methods import hypernetwork as hn
 from lib_trainer.methods import lora
 from lib_trainer.methods import textual_inversion as ti
 
@@ -46,6 +47,12 @@ def _run_lora(job: Job, host: ModuleType, hooks: TrainingHooks):
     return result
 
 
+def _run_hypernetwork(job: Job, host: ModuleType, hooks: TrainingHooks):
+    folders = host.folders()
+    paths = hn.OutputPaths(folders.hypernetworks, folders.logs / "hypernetworks")
+    return hn.train_hypernetwork(job.config, host.model_parts(job.config.train.clip_skip), paths, hooks)
+
+
 @dataclass(frozen=True)
 class MethodSpec:
     """How the job queue builds, names and runs one training method."""
@@ -61,6 +68,9 @@ METHODS: dict[str, MethodSpec] = {
         ti.TextualInversionConfig, lambda c: c.embedding.name, _run_textual_inversion, "refresh_embeddings"
     ),
     "lora": MethodSpec(lora.LoraConfig, lambda c: c.network.name, _run_lora, "refresh_loras"),
+    "hypernetwork": MethodSpec(
+        hn.HypernetworkConfig, lambda c: c.hypernetwork.name, _run_hypernetwork, "refresh_hypernetworks"
+    ),
 }
 
 
@@ -136,6 +146,9 @@ class JobHooks(TrainingHooks):
     def on_saved(self, path: Path, step: int) -> None:
         self.job.saved.append({"path": str(path), "step": step})
 
+    def on_warning(self, message: str) -> None:
+        self.job.warnings.append(message)
+
     def on_preview(self, step: int, state: Any) -> None:
         if not self.job.preview or not self.job.preview.get("enabled", True):
             return
@@ -150,20 +163,13 @@ class JobHooks(TrainingHooks):
             self.host.show_image(image)
         del self.job.previews[:-MAX_PREVIEWS]
 
-    @contextlib.contextmanager
-    def _preview_state(self, state: Any):
-        """The training state as txt2img should see it: a LoRA stays attached (in eval mode), an embedding is
-        registered with the host under its name."""
-        network = getattr(state, "network", None)
-        if network is None:
-            self.host.register_embedding(self.name, state.parameters()[0])
-            yield
-            return
-        network.eval()
-        try:
-            yield
-        finally:
-            network.train()
+    def _preview_state(self, state: Any) -> contextlib.AbstractContextManager:
+        """The training state as txt2img should see it: networks stay attached (their ``for_preview`` mode), an
+        embedding is registered with the host under its name."""
+        if hasattr(state, "for_preview"):
+            return state.for_preview()
+        self.host.register_embedding(self.name, state.parameters()[0])
+        return contextlib.nullcontext()
 
 
 class JobManager:

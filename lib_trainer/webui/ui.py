@@ -33,6 +33,7 @@ GROUPS = {
         "Dataset": ("data.",),
         "Training": ("train.",),
     },
+    "hypernetwork": {"Hypernetwork": ("hypernetwork.", "resume_from"), "Dataset": ("data.",), "Training": ("train.",)},
 }
 
 
@@ -56,7 +57,11 @@ def build_component(field: FormField, value: Any, method: str) -> gr.components.
 
 
 def create_tab(
-    manager: JobManager, create_embedding: Callable[[dict], Any], model_label: Callable[[], str], samplers: list[str]
+    manager: JobManager,
+    create_embedding: Callable[[dict], Any],
+    create_hypernetwork: Callable[[dict], Any],
+    model_label: Callable[[], str],
+    samplers: list[str],
 ) -> gr.Blocks:
     """Build the Trainer tab's Blocks."""
     with gr.Blocks(analytics_enabled=False) as tab, gr.Column(elem_id="trainer_root"):
@@ -72,14 +77,22 @@ def create_tab(
             with gr.Tab("LoRA", elem_id="trainer_tab_lora"):
                 forms["lora"] = _method_controls("lora")
                 train_lora = gr.Button("Train LoRA", variant="primary", elem_id="trainer_train_lora")
-            for title in ("Hypernetwork", "Dataset"):
-                with gr.Tab(title, elem_id=f"trainer_tab_{title.lower()}"):
-                    gr.Markdown(f"{title} arrives in a later version of the trainer.")
+            with gr.Tab("Hypernetwork", elem_id="trainer_tab_hypernetwork"):
+                forms["hypernetwork"] = _method_controls("hypernetwork")
+                gr.Markdown(
+                    "Hypernetworks need low learning rates: 1e-5 is a safe start; above 1e-4 runs often diverge."
+                )
+                create_hn = gr.Button("Create hypernetwork", elem_id="trainer_create_hypernetwork")
+                train_hn = gr.Button("Train hypernetwork", variant="primary", elem_id="trainer_train_hypernetwork")
+            with gr.Tab("Dataset", elem_id="trainer_tab_dataset"):
+                gr.Markdown("Dataset preparation arrives in a later version of the trainer.")
         preview = _preview_controls(samplers)
         _run_panel(manager, job_id, status)
         _wire_train(manager, train_ti, "textual_inversion", forms["textual_inversion"], preview, job_id, status)
         _wire_train(manager, train_lora, "lora", forms["lora"], preview, job_id, status)
-        _wire_create(create_embedding, create_btn, forms["textual_inversion"], status)
+        _wire_train(manager, train_hn, "hypernetwork", forms["hypernetwork"], preview, job_id, status)
+        _wire_create(create_embedding, create_btn, forms["textual_inversion"], status, "embedding")
+        _wire_create(create_hypernetwork, create_hn, forms["hypernetwork"], status, "hypernetwork")
         tab.load(fn=lambda: f"**Loaded model:** {model_label()}", inputs=[], outputs=[model_info])
     return tab
 
@@ -162,14 +175,14 @@ def _wire_train(manager: JobManager, button, method: str, components, preview, j
     button.click(fn=train, inputs=controls + preview_controls, outputs=[job_id, status])
 
 
-def _wire_create(create_embedding, button, components, status) -> None:
+def _wire_create(create_fn, button, components, status, section: str) -> None:
     paths, controls = list(components), list(components.values())
-    fields = FORMS["textual_inversion"][1]
+    fields = FORMS["textual_inversion" if section == "embedding" else section][1]
 
     def create(*values):
         config = to_config_dict(dict(zip(paths, values, strict=True)), fields)
         try:
-            path = create_embedding(config["embedding"])
+            path = create_fn(config[section])
         except TrainerError as exc:
             raise gr.Error(str(exc)) from exc
         return f"Created {path}."
