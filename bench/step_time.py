@@ -29,7 +29,7 @@ from lib_trainer.config import build  # noqa: E402
 from lib_trainer.formats.embedding import EmbeddingFile  # noqa: E402
 from lib_trainer.loop.hooks import TrainingHooks  # noqa: E402
 from lib_trainer.loop.train import train  # noqa: E402
-from lib_trainer.methods import lora  # noqa: E402
+from lib_trainer.methods import hypernetwork, lora  # noqa: E402
 from lib_trainer.methods.textual_inversion import (  # noqa: E402
     EmbeddingTrainable,
     OutputPaths,
@@ -137,11 +137,38 @@ def _time_steps(parts, trainable, side: int, batch: int, train_config) -> tuple[
     return ms, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def bench_hypernetwork(model, side: int, batch: int, steps: int, precision: str, workdir: Path) -> tuple[float, float]:
+    """Milliseconds per step and peak memory for a 1-2-1 hypernetwork on every attention width of the model."""
+    parts = parts_from_ldm(model)
+    widths = ", ".join(str(w) for w in sorted(hypernetwork.attention_widths(parts)))
+    config = build(
+        hypernetwork.HypernetworkConfig,
+        {
+            "hypernetwork": {"name": "zqhn", "sizes": widths},
+            "data": {"data_dir": str(workdir)},
+            "train": {
+                "steps": steps,
+                "batch_size": batch,
+                "mixed_precision": precision,
+                "save_every": 0,
+                "preview_every": 0,
+                "learning_rate": "1e-5",
+            },
+        },
+    )
+    net = hypernetwork.Hypernetwork.create(config.hypernetwork)
+    paths = hypernetwork.OutputPaths(workdir / "hn", workdir / "log")
+    trainable = hypernetwork.HypernetworkTrainable(config, parts, paths, net, 0)
+    trainable.save = lambda step, resume: []  # timing only
+    return _time_steps(parts, trainable, side, batch, config.train)
+
+
 METHODS = {
     "textual_inversion": lambda *a: bench_textual_inversion(*a),
     "lora": lambda *a: bench_lora(*a, algo="lora"),
     "locon": lambda *a: bench_lora(*a, algo="locon"),
     "loha": lambda *a: bench_lora(*a, algo="loha"),
+    "hypernetwork": lambda *a: bench_hypernetwork(*a),
 }
 
 
