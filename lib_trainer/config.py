@@ -153,6 +153,14 @@ class DataConfig:
     keep_tags: int = 0
     tag_dropout: float = 0.0
     latent_sampling: Literal["once", "deterministic", "random"] = "once"
+    caption_dropout: float = 0.0  # probability that an image is trained with an empty caption
+    trigger_word: str = ""  # put in front of every caption (e.g. the LoRA's activation word)
+    flip: bool = False  # also train on horizontally mirrored images (latents cached for both)
+    buckets: bool = False  # aspect-ratio buckets of about width x height pixels instead of one fixed size
+    bucket_min_side: int = 256
+    bucket_max_side: int = 1024
+    bucket_step: int = 64
+    bucket_no_upscale: bool = False
 
     def __post_init__(self) -> None:
         if not self.data_dir.strip():
@@ -174,6 +182,20 @@ class DataConfig:
             )
         check_range("data.keep_tags", self.keep_tags, 0, None)
         check_range("data.tag_dropout", self.tag_dropout, 0.0, 0.95)
+        check_range("data.caption_dropout", self.caption_dropout, 0.0, 1.0)
+        check_range("data.bucket_min_side", self.bucket_min_side, 64, 4096)
+        check_range(
+            "data.bucket_max_side",
+            self.bucket_max_side,
+            self.bucket_min_side,
+            4096,
+            "it must be at least data.bucket_min_side",
+        )
+        if self.bucket_step % 64 or self.bucket_step <= 0:
+            raise ConfigError(
+                f"data.bucket_step must be a positive multiple of 64, but is {self.bucket_step}",
+                field="data.bucket_step",
+            )
 
 
 @dataclasses.dataclass(frozen=True)

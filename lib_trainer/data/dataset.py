@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import math
 import random
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image
 
 from lib_trainer.config import DataConfig
+from lib_trainer.data.buckets import BucketSpec, assign_bucket, make_buckets
 from lib_trainer.data.captions import augment_tags, caption_from_filename, read_caption
 from lib_trainer.data.images import IMAGE_EXTENSIONS, load_rgb, resize_crop, to_tensor
 from lib_trainer.data.templates import fill_template, load_template, uses_filewords
@@ -19,13 +23,24 @@ from lib_trainer.models.parts import LatentEncoder
 ENCODE_BATCH = 4
 
 
+REPEAT_FOLDER = re.compile(r"^(\d+)_(.+)$")  # kohya: "<repeats>_<class tokens>"
+
+
 @dataclass
 class Sample:
-    """One training image: its file, caption (None when it has no caption file) and pixels in [-1, 1]."""
+    """One training image: file, caption (None without a caption file), pixels in [-1, 1] at its bucket size,
+    how often it is repeated per epoch, and the class tokens of its kohya folder (the caption fallback)."""
 
     path: Path
     caption: str | None
     pixels: torch.Tensor
+    repeats: int = 1
+    folder_caption: str | None = None
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(width, height) of the prepared pixels: the bucket."""
+        return int(self.pixels.shape[2]), int(self.pixels.shape[1])
 
 
 @dataclass
@@ -34,29 +49,72 @@ class ScanResult:
 
     samples: list[Sample] = field(default_factory=list)
     problems: list[tuple[Path, str]] = field(default_factory=list)
+    small: list[tuple[Path, tuple[int, int]]] = field(default_factory=list)  # smaller than their bucket
+
+
+def image_folders(config: DataConfig) -> list[tuple[Path, int, str | None]]:
+    """(folder, repeats, class tokens): the data folder itself, then kohya ``N_name`` subfolders."""
+    root = Path(config.data_dir).expanduser()
+    if not root.is_dir():
+        raise DatasetError(
+            f"data.data_dir {str(root)!r} is not an existing folder; give the folder of your images",
+            field="data.data_dir",
+        )
+    folders: list[tuple[Path, int, str | None]] = [(root, 1, None)]
+    for sub in sorted(p for p in root.iterdir() if p.is_dir()):
+        match = REPEAT_FOLDER.match(sub.name)
+        if match:
+            folders.append((sub, int(match.group(1)), match.group(2).replace("_", " ")))
+    return folders
+
+
+def bucket_spec(config: DataConfig) -> BucketSpec:
+    """The bucket settings of a data config."""
+    return BucketSpec(
+        config.width,
+        config.height,
+        config.bucket_min_side,
+        config.bucket_max_side,
+        config.bucket_step,
+        config.bucket_no_upscale,
+    )
 
 
 def scan_folder(config: DataConfig) -> ScanResult:
-    """Load every image in ``config.data_dir`` (not recursive) with its caption; record unreadable files."""
-    folder = Path(config.data_dir).expanduser()
-    if not folder.is_dir():
-        raise DatasetError(f"data.data_dir {str(folder)!r} is not an existing folder; give the folder of your images")
+    """Load every image of the data folder and its ``N_name`` subfolders with captions; record what fails."""
+    spec = bucket_spec(config)
+    buckets = make_buckets(spec) if config.buckets else [(config.width, config.height)]
     result = ScanResult()
-    for path in sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")):
-        if path.suffix.lower() not in IMAGE_EXTENSIONS:
-            continue
-        try:
-            pixels = to_tensor(resize_crop(load_rgb(path), config.width, config.height))
-        except (OSError, ValueError, SyntaxError) as exc:  # PIL raises these for corrupt and non-image files
-            result.problems.append((path, f"cannot be read as an image ({exc})"))
-            continue
-        try:
-            caption = read_caption(path, config.caption_extension)
-        except (OSError, UnicodeDecodeError) as exc:
-            result.problems.append((path.with_suffix(config.caption_extension), f"caption is not UTF-8 text ({exc})"))
-            continue
-        result.samples.append(Sample(path, caption, pixels))
+    for folder, repeats, folder_caption in image_folders(config):
+        for path in sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")):
+            if path.suffix.lower() in IMAGE_EXTENSIONS:
+                _load_sample(path, config, spec, buckets, (repeats, folder_caption), result)
     return result
+
+
+def _load_sample(
+    path: Path,
+    config: DataConfig,
+    spec: BucketSpec,
+    buckets: list[tuple[int, int]],
+    folder: tuple[int, str | None],
+    result: ScanResult,
+) -> None:
+    try:
+        image = load_rgb(path)
+        size = assign_bucket(image.size, buckets, spec) if config.buckets else buckets[0]
+        pixels = to_tensor(resize_crop(image, *size))
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:  # corrupt / non-image files
+        result.problems.append((path, f"cannot be read as an image ({exc})"))
+        return
+    try:
+        caption = read_caption(path, config.caption_extension)
+    except (OSError, UnicodeDecodeError) as exc:
+        result.problems.append((path.with_suffix(config.caption_extension), f"caption is not UTF-8 text ({exc})"))
+        return
+    if image.size[0] < size[0] or image.size[1] < size[1]:
+        result.small.append((path, image.size))
+    result.samples.append(Sample(path, caption, pixels, folder[0], folder[1]))
 
 
 def load_training_set(config: DataConfig) -> tuple[list[Sample], list[str]]:
@@ -73,7 +131,7 @@ def load_training_set(config: DataConfig) -> tuple[list[Sample], list[str]]:
         raise DatasetError(
             f"no images found in {config.data_dir!r}; put .jpg, .jpeg, .png, .webp or .bmp files in that folder"
         )
-    missing = [s.path.name for s in scan.samples if s.caption is None]
+    missing = [s.path.name for s in scan.samples if s.caption is None and s.folder_caption is None]
     if missing and uses_filewords(template) and config.missing_caption == "error":
         listed = ", ".join(missing[:10]) + (f" (and {len(missing) - 10} more)" if len(missing) > 10 else "")
         raise DatasetError(
@@ -92,57 +150,105 @@ class PromptMaker:
 
     def prompt(self, sample: Sample) -> str:
         """A prompt for ``sample``; the caption falls back per ``missing_caption``."""
-        caption = sample.caption
-        if caption is None:
-            caption = caption_from_filename(sample.path) if self.config.missing_caption == "filename" else ""
         cfg = self.config
+        caption = sample.caption if sample.caption is not None else sample.folder_caption
+        if caption is None:
+            caption = caption_from_filename(sample.path) if cfg.missing_caption == "filename" else ""
         caption = augment_tags(caption, self.rng, cfg.shuffle_tags, cfg.keep_tags, cfg.tag_dropout)
+        if cfg.caption_dropout and self.rng.random() < cfg.caption_dropout:
+            caption = ""
+        if cfg.trigger_word:
+            caption = f"{cfg.trigger_word}, {caption}" if caption else cfg.trigger_word
         return fill_template(self.rng.choice(self.template), self.name, caption)
 
 
 class LatentCache:
-    """VAE latents of every sample, encoded once; ``random`` sampling keeps mean and std and redraws."""
+    """VAE latents of every sample (and of its mirror image with ``flip``), encoded once and kept per sample so
+    buckets of different sizes can coexist; ``random`` sampling keeps mean and std and redraws each time."""
 
-    def __init__(self, samples: list[Sample], encoder: LatentEncoder, method: str, generator: torch.Generator):
-        self.method = method
-        self.scale = encoder.scale_factor
-        means, stds = [], []
-        for start in range(0, len(samples), ENCODE_BATCH):
-            pixels = torch.stack([s.pixels for s in samples[start : start + ENCODE_BATCH]])
-            mean, std = encoder.encode(pixels)
-            means.append(mean.cpu())
-            stds.append(std.cpu())
-        self.mean, self.std = torch.cat(means), torch.cat(stds)
+    def __init__(
+        self, samples: list[Sample], encoder: LatentEncoder, method: str, generator: torch.Generator, flip: bool = False
+    ):
+        self.method, self.scale, self.flip = method, encoder.scale_factor, flip
+        self.mean, self.std = _encode_all(samples, encoder, mirror=False)
+        if flip:
+            self.flip_mean, self.flip_std = _encode_all(samples, encoder, mirror=True)
         if method == "once":
-            self.mean = self.mean + self.std * torch.randn(self.mean.shape, generator=generator)
-        if method != "random":
-            self.std = torch.zeros(0)
+            self.mean = [
+                m + s * torch.randn(m.shape, generator=generator) for m, s in zip(self.mean, self.std, strict=True)
+            ]
+            if flip:
+                self.flip_mean = [
+                    m + s * torch.randn(m.shape, generator=generator)
+                    for m, s in zip(self.flip_mean, self.flip_std, strict=True)
+                ]
 
     def latents(self, indices: list[int], generator: torch.Generator) -> torch.Tensor:
-        """Scaled latents ``[B, 4, h, w]`` for ``indices`` (a fresh draw per call for ``random``)."""
-        mean = self.mean[indices]
-        if self.method == "random":
-            mean = mean + self.std[indices] * torch.randn(mean.shape, generator=generator)
-        return mean * self.scale
+        """Scaled latents ``[B, 4, h, w]`` for ``indices`` of one bucket (fresh draws for ``random``/``flip``)."""
+        out = []
+        for i in indices:
+            mirrored = self.flip and bool(torch.rand(1, generator=generator) < 0.5)
+            mean = (self.flip_mean if mirrored else self.mean)[i]
+            if self.method == "random":
+                std = (self.flip_std if mirrored else self.std)[i]
+                mean = mean + std * torch.randn(mean.shape, generator=generator)
+            out.append(mean)
+        return torch.stack(out) * self.scale
+
+
+def _encode_all(samples: list[Sample], encoder: LatentEncoder, mirror: bool) -> tuple[list, list]:
+    means: list[torch.Tensor | None] = [None] * len(samples)
+    stds: list[torch.Tensor | None] = [None] * len(samples)
+    by_size: dict[tuple[int, int], list[int]] = {}
+    for i, sample in enumerate(samples):
+        by_size.setdefault(sample.size, []).append(i)
+    for indices in by_size.values():
+        for start in range(0, len(indices), ENCODE_BATCH):
+            chunk = indices[start : start + ENCODE_BATCH]
+            pixels = torch.stack([samples[i].pixels for i in chunk])
+            mean, std = encoder.encode(torch.flip(pixels, dims=[3]) if mirror else pixels)
+            for j, i in enumerate(chunk):
+                means[i], stds[i] = mean[j].cpu(), std[j].cpu()
+    return means, stds
+
+
+def epoch_batches(samples: list[Sample], batch_size: int, rng: random.Random) -> list[list[int]]:
+    """One epoch: every sample ``repeats`` times, batches drawn within one bucket, batch order shuffled."""
+    by_bucket: dict[tuple[int, int], list[int]] = {}
+    for i, sample in enumerate(samples):
+        by_bucket.setdefault(sample.size, []).extend([i] * sample.repeats)
+    batches: list[list[int]] = []
+    for size in sorted(by_bucket):
+        items = by_bucket[size]
+        rng.shuffle(items)
+        batches += [items[j : j + batch_size] for j in range(0, len(items), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+def batches_per_epoch(samples: list[Sample], batch_size: int) -> int:
+    """How many batches one epoch has (per bucket, counting repeats)."""
+    counts: dict[tuple[int, int], int] = {}
+    for sample in samples:
+        counts[sample.size] = counts.get(sample.size, 0) + sample.repeats
+    return sum(math.ceil(n / batch_size) for n in counts.values())
 
 
 class TrainingBatches:
-    """Endless batches (latents, prompts): each epoch a fresh permutation; resumable random state."""
+    """Endless batches (latents, prompts), epoch after epoch of ``epoch_batches``; resumable random state."""
 
     def __init__(self, samples: list[Sample], cache: LatentCache, prompts: PromptMaker, batch_size: int, seed: int):
         self.samples, self.cache, self.prompts, self.batch_size = samples, cache, prompts, batch_size
         self.rng = random.Random(seed)
         self.prompts.rng = self.rng
         self.latent_generator = torch.Generator().manual_seed(seed)
-        self.queue: list[int] = []
+        self.queue: list[list[int]] = []
 
     def next_batch(self) -> tuple[torch.Tensor, list[str]]:
-        """The next batch: scaled latents ``[B, 4, h, w]`` (CPU) and one prompt per image."""
-        while len(self.queue) < self.batch_size:
-            order = list(range(len(self.samples)))
-            self.rng.shuffle(order)
-            self.queue += order
-        indices, self.queue = self.queue[: self.batch_size], self.queue[self.batch_size :]
+        """The next batch: scaled latents ``[B, 4, h, w]`` (CPU, one bucket) and one prompt per image."""
+        if not self.queue:
+            self.queue = epoch_batches(self.samples, self.batch_size, self.rng)
+        indices = self.queue.pop(0)
         prompts = [self.prompts.prompt(self.samples[i]) for i in indices]
         return self.cache.latents(indices, self.latent_generator), prompts
 
@@ -160,6 +266,6 @@ class TrainingBatches:
         if "python" in state:
             version, internal, gauss = state["python"]
             self.rng.setstate((version, tuple(internal), gauss))
-        self.queue = list(state.get("queue", []))
+        self.queue = [list(batch) for batch in state.get("queue", [])]
         if "latent" in state:
             self.latent_generator.set_state(state["latent"])

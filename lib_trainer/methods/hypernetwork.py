@@ -372,7 +372,13 @@ def train_hypernetwork(
     trainable.run_dir.mkdir(parents=True, exist_ok=True)
     (trainable.run_dir / "config.json").write_text(to_json(config), encoding="utf-8")
     seed = config.train.seed
-    cache = LatentCache(samples, parts.latent_encoder, config.data.latent_sampling, torch.Generator().manual_seed(seed))
+    cache = LatentCache(
+        samples,
+        parts.latent_encoder,
+        config.data.latent_sampling,
+        torch.Generator().manual_seed(seed),
+        flip=config.data.flip,
+    )
     batch_seed = seed if trainable.resume else seed + start_step
     prompts = PromptMaker(template, config.hypernetwork.name, config.data, random.Random(batch_seed))
     batches = TrainingBatches(samples, cache, prompts, config.train.batch_size, batch_seed)

@@ -26,8 +26,15 @@ from typing import Any, Literal
 import torch
 
 from lib_trainer.config import CONFIG_VERSION, DataConfig, TrainConfig, build_versioned, check_range, to_json
-from lib_trainer.data.captions import split_tags
-from lib_trainer.data.dataset import LatentCache, PromptMaker, Sample, TrainingBatches, load_training_set
+from lib_trainer.data.dataset import (
+    LatentCache,
+    PromptMaker,
+    Sample,
+    TrainingBatches,
+    batches_per_epoch,
+    load_training_set,
+)
+from lib_trainer.data.report import bucket_info, folder_stats, tag_frequency
 from lib_trainer.errors import ConfigError, FormatError, UnsupportedModelError
 from lib_trainer.formats.files import check_name, is_inside, path_in
 from lib_trainer.formats.lora import network_metadata, read_network, save_network
@@ -352,19 +359,18 @@ class NetworkTrainable:
 
 
 def _dataset_metadata(data: DataConfig, samples: list[Sample]) -> dict[str, str]:
-    folder = Path(data.data_dir).name
-    tags: collections.Counter[str] = collections.Counter()
-    for sample in samples:
-        tags.update(split_tags(sample.caption or ""))
-    return {
-        "ss_num_train_images": str(len(samples)),
-        "ss_tag_frequency": json.dumps({folder: dict(tags.most_common())}),
-        "ss_dataset_dirs": json.dumps({folder: {"n_repeats": 1, "img_count": len(samples)}}),
+    meta = {
+        "ss_num_train_images": str(sum(s.repeats for s in samples)),
+        "ss_tag_frequency": json.dumps(tag_frequency(samples, data.data_dir)),
+        "ss_dataset_dirs": json.dumps(folder_stats(samples, data.data_dir)),
     }
+    if data.buckets:
+        meta["ss_bucket_info"] = json.dumps(bucket_info(samples))
+    return meta
 
 
-def _resolve_steps(config: LoraConfig, n_images: int) -> LoraConfig:
-    per_epoch = math.ceil(n_images / config.train.batch_size / config.train.gradient_accumulation)
+def _resolve_steps(config: LoraConfig, samples: list[Sample]) -> LoraConfig:
+    per_epoch = math.ceil(batches_per_epoch(samples, config.train.batch_size) / config.train.gradient_accumulation)
     train_cfg = config.train
     if config.epochs:
         train_cfg = dataclasses.replace(train_cfg, steps=config.epochs * per_epoch)
@@ -389,7 +395,7 @@ def prepare(config: LoraConfig, parts: ModelParts, paths: OutputPaths) -> tuple[
             "network.name",
         )
     samples, template = load_training_set(config.data)
-    return _resolve_steps(config, len(samples)), samples, template
+    return _resolve_steps(config, samples), samples, template
 
 
 def train_lora(
@@ -413,7 +419,13 @@ def train_lora(
     trainable.run_dir.mkdir(parents=True, exist_ok=True)
     (trainable.run_dir / "config.json").write_text(to_json(config), encoding="utf-8")
     seed = config.train.seed
-    cache = LatentCache(samples, parts.latent_encoder, config.data.latent_sampling, torch.Generator().manual_seed(seed))
+    cache = LatentCache(
+        samples,
+        parts.latent_encoder,
+        config.data.latent_sampling,
+        torch.Generator().manual_seed(seed),
+        flip=config.data.flip,
+    )
     batch_seed = seed if trainable.resume else seed + trainable.start_step
     prompts = PromptMaker(template, config.network.name, config.data, random.Random(batch_seed))
     batches = TrainingBatches(samples, cache, prompts, config.train.batch_size, batch_seed)

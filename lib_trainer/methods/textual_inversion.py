@@ -242,7 +242,13 @@ def train_embedding(
     trainable.run_dir.mkdir(parents=True, exist_ok=True)
     (trainable.run_dir / "config.json").write_text(to_json(config), encoding="utf-8")
     seed = config.train.seed
-    cache = LatentCache(samples, parts.latent_encoder, config.data.latent_sampling, torch.Generator().manual_seed(seed))
+    cache = LatentCache(
+        samples,
+        parts.latent_encoder,
+        config.data.latent_sampling,
+        torch.Generator().manual_seed(seed),
+        flip=config.data.flip,
+    )
     # without a sidecar a resumed run draws new batches instead of repeating the first steps' ones
     batch_seed = seed if resume else seed + start.step
     prompts = PromptMaker(template, config.embedding.name, config.data, random.Random(batch_seed))

@@ -49,6 +49,14 @@ DATA_FIELDS: tuple[FormField, ...] = (
     FormField("data.keep_tags", "Keep first N tags in place", "int", 0, 100, 1),
     FormField("data.tag_dropout", "Tag drop-out", "slider", 0.0, 0.95, 0.05),
     FormField("data.latent_sampling", "Latent sampling", "radio", choices=("once", "deterministic", "random")),
+    FormField("data.caption_dropout", "Caption drop-out", "slider", 0.0, 1.0, 0.05),
+    FormField("data.trigger_word", "Trigger word (prefixed to captions)", "text"),
+    FormField("data.flip", "Also train on mirrored images", "checkbox"),
+    FormField("data.buckets", "Aspect-ratio buckets (area = width x height)", "checkbox"),
+    FormField("data.bucket_min_side", "Bucket min side", "slider", 64, 4096, 64),
+    FormField("data.bucket_max_side", "Bucket max side", "slider", 64, 4096, 64),
+    FormField("data.bucket_step", "Bucket step", "slider", 64, 512, 64),
+    FormField("data.bucket_no_upscale", "Never upscale small images", "checkbox"),
 )
 TRAIN_FIELDS: tuple[FormField, ...] = (
     FormField("train.steps", "Max steps (total)", "int", 1, 10_000_000, 1),
