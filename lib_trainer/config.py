@@ -191,6 +191,13 @@ class DataConfig:
             4096,
             "it must be at least data.bucket_min_side",
         )
+        first = -(-self.bucket_min_side // max(self.bucket_step, 1)) * max(self.bucket_step, 1)
+        if self.buckets and (first**2 > self.width * self.height or first > self.bucket_max_side):
+            raise ConfigError(
+                f"data.bucket_min_side {self.bucket_min_side} leaves no bucket within {self.width}x{self.height} "
+                f"pixels; lower it to at most {int((self.width * self.height) ** 0.5) // 64 * 64}",
+                field="data.bucket_min_side",
+            )
         if self.bucket_step % 64 or self.bucket_step <= 0:
             raise ConfigError(
                 f"data.bucket_step must be a positive multiple of 64, but is {self.bucket_step}",

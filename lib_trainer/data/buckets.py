@@ -30,12 +30,17 @@ def make_buckets(spec: BucketSpec) -> list[tuple[int, int]]:
     """Every (w, h) with sides in [min_side, max_side], multiples of ``step``, the largest h for each w within
     the area; sorted by aspect ratio."""
     buckets = set()
-    for w in range(spec.min_side, spec.max_side + 1, spec.step):
+    first = -(-spec.min_side // spec.step) * spec.step  # the smallest multiple of step >= min_side
+    for w in range(first, spec.max_side + 1, spec.step):
         h = min(spec.max_side, (spec.area // w) // spec.step * spec.step)
         if h >= spec.min_side:
             buckets.add((w, h))
             buckets.add((h, w))
     buckets = {(w, h) for w, h in buckets if w * h <= spec.area and spec.min_side <= min(w, h)}
+    if not buckets:  # the area is too small for min_side: the training size itself is the only bucket
+        return [
+            (max(spec.step, spec.width // spec.step * spec.step), max(spec.step, spec.height // spec.step * spec.step))
+        ]
     return sorted(buckets, key=lambda b: b[0] / b[1])
 
 
