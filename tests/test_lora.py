@@ -346,3 +346,30 @@ def test_text_encoder_stops_training_at_its_step_and_has_its_own_rate(sd1_model,
     te4, unet4 = snapshots[4]
     assert all(torch.equal(a, b) for a, b in zip(te2, te4, strict=True))
     assert not all(torch.equal(a, b) for a, b in zip(unet2, unet4, strict=True))
+
+
+def test_training_with_buckets_and_repeats(sd1_model, tmp_path):
+    from tests.test_dataset import write
+
+    data = tmp_path / "data"
+    write(data / "wide.png", (128, 64), "wide")
+    write(data / "2_sks" / "tall.png", (64, 128), "tall")
+    write(data / "2_sks" / "tall2.png", (60, 130))
+    request = lora_request(data)
+    request["data"].update(
+        {"width": 128, "height": 64, "buckets": True, "bucket_min_side": 64, "bucket_max_side": 128, "flip": True}
+    )
+    request["train"]["batch_size"] = 2
+    paths = OutputPaths(tmp_path / "Lora", tmp_path / "log")
+    result = train_lora(LoraConfig.from_dict(request), parts_from_ldm(sd1_model), paths)
+    assert result.step == 4
+    meta = read_network(paths.lora_dir / "zqnet.safetensors")[1]
+    import json
+
+    buckets = json.loads(meta["ss_bucket_info"])["buckets"]
+    assert sorted(tuple(b["resolution"]) for b in buckets.values()) == [(64, 128), (128, 64)]
+    assert json.loads(meta["ss_dataset_dirs"]) == {
+        "data": {"n_repeats": 1, "img_count": 1},
+        "2_sks": {"n_repeats": 2, "img_count": 2},
+    }
+    assert meta["ss_num_train_images"] == "5"
