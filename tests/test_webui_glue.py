@@ -298,3 +298,29 @@ def test_api_creates_a_hypernetwork(client, webui):
     bad = client.post("/trainer/v1/hypernetworks", json={"name": "made2", "sizes": "768"})
     assert bad.status_code == 422
     assert bad.json()["detail"]["field"] == "hypernetwork.sizes"
+
+
+def test_api_dataset_report(client, webui):
+    (webui.data / "broken.png").write_bytes(b"")
+    reply = client.post("/trainer/v1/dataset/report", json={"data_dir": str(webui.data), "width": 64, "height": 64})
+    assert reply.status_code == 200
+    report = reply.json()
+    assert report["images"] == 4
+    assert [u["file"] for u in report["unreadable"]] == ["broken.png"]
+    assert report["buckets"] == {"64x64": 4}
+    assert report["over_length_captions"] == []  # counted with the loaded model's tokenizer
+    bad = client.post("/trainer/v1/dataset/report", json={"data_dir": str(webui.data), "width": 100})
+    assert bad.status_code == 422
+    assert bad.json()["detail"]["field"] == "data.width"
+
+
+def test_report_summary_html(webui):
+    from lib_trainer.data.report import dataset_report
+
+    pytest.importorskip("gradio")
+    from lib_trainer.config import DataConfig
+    from lib_trainer.webui.ui import format_report
+
+    html_text = format_report(dataset_report(DataConfig(data_dir=str(webui.data), width=64, height=64)))
+    assert "<b>4 images</b>" in html_text
+    assert "red (4)" in html_text

@@ -7,7 +7,7 @@ from typing import Any
 from fastapi import Body, FastAPI, HTTPException
 from fastapi.responses import JSONResponse, Response
 
-from lib_trainer.config import json_schema
+from lib_trainer.config import DataConfig, json_schema
 from lib_trainer.errors import TrainerError
 from lib_trainer.methods.hypernetwork import HypernetworkSpec
 from lib_trainer.methods.textual_inversion import EmbeddingConfig
@@ -37,7 +37,9 @@ def error_response(exc: TrainerError) -> JSONResponse:
     return JSONResponse(status_code=422, content={"detail": {"field": exc.field, "message": str(exc)}})
 
 
-def register_routes(app: FastAPI, manager: JobManager, create_embedding: Any, create_hypernetwork: Any) -> None:
+def register_routes(
+    app: FastAPI, manager: JobManager, create_embedding: Any, create_hypernetwork: Any, dataset_report: Any
+) -> None:
     """Add the trainer's routes to the host's FastAPI app (they appear in its /docs)."""
     tags = ["sd-webui-trainer"]
 
@@ -86,6 +88,19 @@ def register_routes(app: FastAPI, manager: JobManager, create_embedding: Any, cr
         ("hypernetworks", HypernetworkSpec, create_hypernetwork),
     ):
         _add_create_route(app, f"{PREFIX}/{route}", schema, create, tags)
+
+    _add_report_route(app, dataset_report, tags)
+
+
+def _add_report_route(app: FastAPI, dataset_report: Any, tags: list[str]) -> None:
+    report_body = {"content": {"application/json": {"schema": json_schema(DataConfig)}}, "required": True}
+
+    @app.post(f"{PREFIX}/dataset/report", tags=tags, openapi_extra={"requestBody": report_body})
+    def report(body: dict = Body(...)):  # noqa: B008
+        try:
+            return dataset_report(body)
+        except TrainerError as exc:
+            return error_response(exc)
 
 
 def _add_create_route(app: FastAPI, path: str, schema: type, create: Any, tags: list[str]) -> None:

@@ -50,11 +50,24 @@ def create_hypernetwork(settings: dict[str, Any]) -> Path:
     return path
 
 
+def dataset_report(settings: dict[str, Any]) -> dict[str, Any]:
+    """The dataset report for a data config (the Check button and POST /dataset/report)."""
+    from lib_trainer.config import DataConfig, build
+    from lib_trainer.data.report import dataset_report as report
+
+    return report(build(DataConfig, settings, "data"), host.token_counter())
+
+
 def on_ui_tabs():
     """The Trainer tab."""
     from lib_trainer.webui.ui import create_tab
 
-    tab = create_tab(manager(), create_embedding, create_hypernetwork, host.model_label, host.sampler_names())
+    tab = create_tab(
+        manager(),
+        {"embedding": create_embedding, "hypernetwork": create_hypernetwork, "report": dataset_report},
+        host.model_label,
+        host.sampler_names(),
+    )
     return [(tab, "Trainer", "trainer")]
 
 
@@ -67,4 +80,4 @@ def on_app_started(_demo: Any, app: Any) -> None:
     """Add /trainer/v1 routes to the WebUI's FastAPI app."""
     from lib_trainer.webui.api import register_routes
 
-    register_routes(app, manager(), create_embedding, create_hypernetwork)
+    register_routes(app, manager(), create_embedding, create_hypernetwork, dataset_report)

@@ -97,6 +97,15 @@ def model_parts(clip_skip: int | None = None) -> ModelParts:
     )
 
 
+def token_counter():
+    """Counts a caption's tokens with the loaded model's tokenizer (None when no supported model is loaded)."""
+    try:
+        encoder = model_parts().text_encoder
+    except Exception:  # any model the trainer cannot use: the report then skips token counts
+        return None
+    return lambda text: len(encoder.tokenize(text))
+
+
 def queue_lock() -> contextlib.AbstractContextManager:
     """The WebUI's global FIFO lock: while held, no generation runs (and we wait for running ones)."""
     return call_queue.queue_lock

@@ -7,6 +7,7 @@ javascript/trainer.js polls /trainer/v1/jobs/{id} for the job whose id sits in `
 
 from __future__ import annotations
 
+import html
 from collections.abc import Callable
 from typing import Any
 
@@ -57,28 +58,27 @@ def build_component(field: FormField, value: Any, method: str) -> gr.components.
 
 
 def create_tab(
-    manager: JobManager,
-    create_embedding: Callable[[dict], Any],
-    create_hypernetwork: Callable[[dict], Any],
-    model_label: Callable[[], str],
-    samplers: list[str],
+    manager: JobManager, actions: dict[str, Callable[[dict], Any]], model_label: Callable[[], str], samplers: list[str]
 ) -> gr.Blocks:
-    """Build the Trainer tab's Blocks."""
+    """Build the Trainer tab's Blocks. ``actions``: "embedding"/"hypernetwork" create files, "report" checks data."""
     with gr.Blocks(analytics_enabled=False) as tab, gr.Column(elem_id="trainer_root"):
         model_info = gr.Markdown(elem_id="trainer_model_info")
         job_id = gr.Textbox(visible=False, elem_id="trainer_job_id")
         status = gr.HTML(elem_id="trainer_status")
-        forms = {}
+        forms, checks = {}, {}
         with gr.Tabs(elem_id="trainer_tabs"):
             with gr.Tab("Embedding", elem_id="trainer_tab_embedding"):
                 forms["textual_inversion"] = _method_controls("textual_inversion")
+                checks["textual_inversion"] = gr.Button("Check dataset", elem_id="trainer_textual_inversion_check")
                 create_btn = gr.Button("Create embedding", elem_id="trainer_create")
                 train_ti = gr.Button("Train embedding", variant="primary", elem_id="trainer_train")
             with gr.Tab("LoRA", elem_id="trainer_tab_lora"):
                 forms["lora"] = _method_controls("lora")
+                checks["lora"] = gr.Button("Check dataset", elem_id="trainer_lora_check")
                 train_lora = gr.Button("Train LoRA", variant="primary", elem_id="trainer_train_lora")
             with gr.Tab("Hypernetwork", elem_id="trainer_tab_hypernetwork"):
                 forms["hypernetwork"] = _method_controls("hypernetwork")
+                checks["hypernetwork"] = gr.Button("Check dataset", elem_id="trainer_hypernetwork_check")
                 gr.Markdown(
                     "Hypernetworks need low learning rates: 1e-5 is a safe start; above 1e-4 runs often diverge."
                 )
@@ -91,8 +91,10 @@ def create_tab(
         _wire_train(manager, train_ti, "textual_inversion", forms["textual_inversion"], preview, job_id, status)
         _wire_train(manager, train_lora, "lora", forms["lora"], preview, job_id, status)
         _wire_train(manager, train_hn, "hypernetwork", forms["hypernetwork"], preview, job_id, status)
-        _wire_create(create_embedding, create_btn, forms["textual_inversion"], status, "embedding")
-        _wire_create(create_hypernetwork, create_hn, forms["hypernetwork"], status, "hypernetwork")
+        _wire_create(actions["embedding"], create_btn, forms["textual_inversion"], status, "embedding")
+        _wire_create(actions["hypernetwork"], create_hn, forms["hypernetwork"], status, "hypernetwork")
+        for method, components in forms.items():
+            _wire_report(actions["report"], checks[method], components, status)
         tab.load(fn=lambda: f"**Loaded model:** {model_label()}", inputs=[], outputs=[model_info])
     return tab
 
@@ -188,3 +190,54 @@ def _wire_create(create_fn, button, components, status, section: str) -> None:
         return f"Created {path}."
 
     button.click(fn=create, inputs=controls, outputs=[status])
+
+
+def _wire_report(report_fn, button, components, status) -> None:
+    data_paths = [p for p in components if p.startswith("data.")]
+
+    def check(*values):
+        settings = {path.split(".", 1)[1]: value for path, value in zip(data_paths, values, strict=True)}
+        for key in ("width", "height", "keep_tags", "bucket_min_side", "bucket_max_side", "bucket_step"):
+            if isinstance(settings.get(key), float):
+                settings[key] = int(settings[key])
+        try:
+            report = report_fn(settings)
+        except TrainerError as exc:
+            raise gr.Error(str(exc)) from exc
+        return format_report(report)
+
+    button.click(fn=check, inputs=[components[p] for p in data_paths], outputs=[status])
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """The dataset report as a short HTML summary for the status area."""
+    tags = {}
+    for folder_tags in report["tag_frequency"].values():
+        for tag, count in folder_tags.items():
+            tags[tag] = tags.get(tag, 0) + count
+    top = ", ".join(f"{html.escape(t)} ({n})" for t, n in sorted(tags.items(), key=lambda kv: -kv[1])[:15])
+    folders = ", ".join(
+        f"{html.escape(name)}: {s['img_count']} x{s['n_repeats']}" for name, s in report["folders"].items()
+    )
+    buckets = ", ".join(f"{size}: {n}" for size, n in report["buckets"].items())
+    lines = [
+        f"<b>{report['images']} images</b> ({report['images_with_repeats']} with repeats) - {folders}",
+        f"Buckets: {buckets or '-'}",
+        f"Top tags: {top or '-'}",
+    ]
+    for key, label in (
+        ("missing_captions", "No caption"),
+        ("too_small", "Smaller than their bucket"),
+        ("over_length_captions", "Captions over 75 tokens"),
+        ("unreadable", "Unreadable"),
+    ):
+        items = report[key]
+        if items:
+            shown = ", ".join(
+                html.escape(
+                    i if isinstance(i, str) else f"{i['file']} ({i.get('reason') or i.get('tokens') or i.get('size')})"
+                )
+                for i in items[:10]
+            )
+            lines.append(f"{label} ({len(items)}): {shown}")
+    return "<div class='trainer-report'>" + "<br>".join(lines) + "</div>"
