@@ -1,4 +1,4 @@
-"""sd-webui-trainer entry: registers the tab, settings and API with the WebUI. No logic here."""
+"""sd-webui-trainer entry: registers the tab, settings, API and Extras scripts with the WebUI. No logic here."""
 
 from pathlib import Path
 
@@ -13,5 +13,8 @@ if Path(lib_trainer.__file__).resolve().parents[1] != _HERE:
     )
 
 from lib_trainer.webui import entry  # noqa: E402
+
+# the WebUI registers every ScriptPostprocessing subclass found in this module's namespace
+from lib_trainer.webui.postprocessing import TrainerCaptionScript, TrainerCropScript  # noqa: E402, F401
 
 entry.register()

@@ -55,8 +55,8 @@ def test_form_defaults_build_a_valid_config(method, name_path, tmp_path):
 def test_api_schema_offers_every_method():
     from lib_trainer.webui.api import JOB_SCHEMA
 
-    assert JOB_SCHEMA["properties"]["method"]["enum"] == ["textual_inversion", "lora", "hypernetwork"]
-    assert len(JOB_SCHEMA["properties"]["config"]["oneOf"]) == 3
+    assert JOB_SCHEMA["properties"]["method"]["enum"] == ["textual_inversion", "lora", "hypernetwork", "preprocess"]
+    assert len(JOB_SCHEMA["properties"]["config"]["oneOf"]) == 4
 
 
 def test_tab_builds_with_gradio(sd1_model, tmp_path):

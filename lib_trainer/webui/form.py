@@ -11,6 +11,7 @@ import typing
 from dataclasses import dataclass
 from typing import Any, Literal, get_args, get_origin
 
+from lib_trainer.data.preprocess import PreprocessConfig
 from lib_trainer.data.templates import builtin_templates
 from lib_trainer.methods.hypernetwork import HypernetworkConfig
 from lib_trainer.methods.lora import LoraConfig
@@ -136,10 +137,33 @@ HN_FIELDS: tuple[FormField, ...] = (
     *(dataclasses.replace(f, default="hypernetwork") if f.path == "data.template" else f for f in DATA_FIELDS),
     *TRAIN_FIELDS,
 )
+PREPROCESS_FIELDS: tuple[FormField, ...] = (
+    FormField("input_dir", "Input folder (photos)", "text"),
+    FormField("output_dir", "Output folder (training set; input files are never changed)", "text"),
+    FormField("crop", "Crop to the training size around faces / detail", "checkbox"),
+    FormField("width", "Width", "slider", 64, 2048, 64),
+    FormField("height", "Height", "slider", 64, 2048, 64),
+    FormField("buckets", "Crop to the nearest aspect-ratio bucket instead", "checkbox"),
+    FormField("face_weight", "Face weight", "slider", 0.0, 1.0, 0.05),
+    FormField("entropy_weight", "Entropy weight", "slider", 0.0, 1.0, 0.05),
+    FormField("edges_weight", "Edges weight", "slider", 0.0, 1.0, 0.05),
+    FormField("debug_images", "Also save focal-point debug images", "checkbox"),
+    FormField("caption_blip", "Caption with BLIP (downloads ~0.9 GB on first use)", "checkbox"),
+    FormField("caption_deepbooru", "Tag with DeepBooru (downloads on first use)", "checkbox"),
+    FormField("trigger_word", "Trigger word (put first in every caption)", "text"),
+    FormField(
+        "existing_caption",
+        "When an image already has a caption",
+        "radio",
+        choices=("keep", "replace", "prepend", "append"),
+    ),
+    FormField("caption_extension", "Caption extension", "text"),
+)
 FORMS: dict[str, tuple[type, tuple[FormField, ...]]] = {
     "textual_inversion": (TextualInversionConfig, TI_FIELDS),
     "lora": (LoraConfig, LORA_FIELDS),
     "hypernetwork": (HypernetworkConfig, HN_FIELDS),
+    "preprocess": (PreprocessConfig, PREPROCESS_FIELDS),
 }
 NOT_IN_FORM = {"version"}  # set by the extension itself
 

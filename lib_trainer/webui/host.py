@@ -12,6 +12,9 @@ The host surface used here, kept honest by tests/test_webui_real.py against a re
     modules.processing: StableDiffusionProcessing.cached_c/cached_uc, StableDiffusionProcessingTxt2Img,
         process_images
     modules.sd_samplers.samplers_map
+    modules.scripts_postprocessing.ScriptPostprocessing, modules.ui_components.InputAccordion,
+    modules.paths_internal.models_path, shared.interrogator (load, generate_caption, send_blip_to_ram),
+    modules.deepbooru.model (start, tag_multi, stop)
     sys.modules["networks"] (the built-in Lora extension, when loaded): loaded_networks, list_available_networks(),
         assign_network_names_to_compvis_modules(sd_model), convert_diffusers_name_to_compvis(key, is_sd2);
         shared.sd_model.network_layer_mapping
@@ -255,3 +258,53 @@ def register_callbacks(on_ui_tabs, on_ui_settings, on_app_started) -> None:
     script_callbacks.on_ui_tabs(on_ui_tabs)
     script_callbacks.on_ui_settings(on_ui_settings)
     script_callbacks.on_app_started(on_app_started)
+
+
+def postprocessing_script_base() -> type:
+    """The Extras-tab script base class (imported as a module attribute, so it is not re-registered)."""
+    from modules import scripts_postprocessing
+
+    return scripts_postprocessing.ScriptPostprocessing
+
+
+def input_accordion():
+    """The host's InputAccordion (a checkbox-headed accordion) for Extras-script UIs."""
+    from modules import ui_components
+
+    return ui_components.InputAccordion
+
+
+def yunet_model() -> Path | None:
+    """The WebUI's YuNet face model if its focal-crop already downloaded it (we never download it)."""
+    folder = Path(paths_internal.models_path) / "opencv"
+    for name in ("face_detection_yunet_2023mar.onnx", "face_detection_yunet.onnx"):
+        if (folder / name).is_file():
+            return folder / name
+    return None
+
+
+def captioners(blip: bool, deepbooru: bool) -> list:
+    """Caption functions from the host's own models: BLIP (caption only, no CLIP ranking, no state reset) and
+    DeepBooru (threshold, sorting and underscores from the host's settings). They download on first use."""
+    found = []
+    if blip:
+        interrogator = shared.interrogator
+        interrogator.load()
+        found.append(lambda image: interrogator.generate_caption(image.convert("RGB")))
+    if deepbooru:
+        from modules import deepbooru as host_deepbooru
+
+        host_deepbooru.model.start()
+        found.append(lambda image: host_deepbooru.model.tag_multi(image.convert("RGB")))
+    return found
+
+
+def release_captioners() -> None:
+    """Move caption models back to RAM after a preprocessing run."""
+    interrogator = getattr(shared, "interrogator", None)
+    if interrogator is not None and hasattr(interrogator, "send_blip_to_ram"):
+        interrogator.send_blip_to_ram()
+    with contextlib.suppress(ImportError, AttributeError):
+        from modules import deepbooru as host_deepbooru
+
+        host_deepbooru.model.stop()

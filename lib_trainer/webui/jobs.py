@@ -14,12 +14,14 @@ import queue
 import threading
 import time
 import traceback
+import types
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from lib_trainer.data.preprocess import PreprocessConfig, preprocess_folder
 from lib_trainer.errors import TrainerError
 from lib_trainer.loop.hooks import Progress, TrainingHooks
 from lib_trainer.methods import hypernetwork as hn
@@ -53,6 +55,24 @@ def _run_hypernetwork(job: Job, host: ModuleType, hooks: TrainingHooks):
     return hn.train_hypernetwork(job.config, host.model_parts(job.config.train.clip_skip), paths, hooks)
 
 
+def _run_preprocess(job: Job, host: ModuleType, hooks: TrainingHooks):
+    config = job.config
+
+    def progress(done: int, total: int, name: str) -> bool:
+        job.step, job.total_steps = done, total
+        return job.cancel_requested or host.interrupted()
+
+    try:
+        found = host.captioners(config.caption_blip, config.caption_deepbooru)
+        result = preprocess_folder(config, found, progress)
+    finally:
+        host.release_captioners()
+    job.step = job.total_steps if not job.cancel_requested else job.step
+    job.saved += [{"path": path, "step": 0} for path in result["written"]]
+    job.warnings += [f"{p['file']}: {p['reason']}" for p in result["problems"]]
+    return types.SimpleNamespace(stopped=job.cancel_requested)
+
+
 @dataclass(frozen=True)
 class MethodSpec:
     """How the job queue builds, names and runs one training method."""
@@ -70,6 +90,9 @@ METHODS: dict[str, MethodSpec] = {
     "lora": MethodSpec(lora.LoraConfig, lambda c: c.network.name, _run_lora, "refresh_loras"),
     "hypernetwork": MethodSpec(
         hn.HypernetworkConfig, lambda c: c.hypernetwork.name, _run_hypernetwork, "refresh_hypernetworks"
+    ),
+    "preprocess": MethodSpec(
+        PreprocessConfig, lambda c: Path(c.output_dir).name, _run_preprocess, "reset_conditioning_cache"
     ),
 }
 
@@ -231,7 +254,8 @@ class JobManager:
             return
         spec = METHODS[job.method]
         name = spec.name(job.config)
-        with self.host.queue_lock(), self.host.job_state(f"trainer: {name}", job.config.train.steps):
+        total = getattr(getattr(job.config, "train", None), "steps", 0)
+        with self.host.queue_lock(), self.host.job_state(f"trainer: {name}", total):
             job.state = "running"
             try:
                 self.host.clear_merged_networks()

@@ -35,6 +35,7 @@ GROUPS = {
         "Training": ("train.",),
     },
     "hypernetwork": {"Hypernetwork": ("hypernetwork.", "resume_from"), "Dataset": ("data.",), "Training": ("train.",)},
+    "preprocess": {"Prepare a training folder": ("",)},
 }
 
 
@@ -85,12 +86,15 @@ def create_tab(
                 create_hn = gr.Button("Create hypernetwork", elem_id="trainer_create_hypernetwork")
                 train_hn = gr.Button("Train hypernetwork", variant="primary", elem_id="trainer_train_hypernetwork")
             with gr.Tab("Dataset", elem_id="trainer_tab_dataset"):
-                gr.Markdown("Dataset preparation arrives in a later version of the trainer.")
+                prepare = _method_controls("preprocess")
+                run_prepare = gr.Button("Prepare folder", variant="primary", elem_id="trainer_run_preprocess")
+                gr.Markdown("The same steps run per image in the Extras tab as *Trainer: crop* and *Trainer: caption*.")
         preview = _preview_controls(samplers)
         _run_panel(manager, job_id, status)
         _wire_train(manager, train_ti, "textual_inversion", forms["textual_inversion"], preview, job_id, status)
         _wire_train(manager, train_lora, "lora", forms["lora"], preview, job_id, status)
         _wire_train(manager, train_hn, "hypernetwork", forms["hypernetwork"], preview, job_id, status)
+        _wire_train(manager, run_prepare, "preprocess", prepare, {}, job_id, status)
         _wire_create(actions["embedding"], create_btn, forms["textual_inversion"], status, "embedding")
         _wire_create(actions["hypernetwork"], create_hn, forms["hypernetwork"], status, "hypernetwork")
         for method, components in forms.items():
@@ -104,7 +108,9 @@ def _method_controls(method: str) -> dict[str, gr.components.Component]:
     fields = FORMS[method][1]
     components: dict[str, gr.components.Component] = {}
     for title, prefixes in GROUPS[method].items():
-        with gr.Accordion(title, open=title != "Training", elem_id=f"trainer_{method}_acc_{title.lower()}"):
+        with gr.Accordion(
+            title, open=title != "Training", elem_id=f"trainer_{method}_acc_{title.lower().replace(' ', '_')}"
+        ):
             for field in fields:
                 if field.path.startswith(prefixes) and field.path not in components:
                     components[field.path] = build_component(field, defaults[field.path], method)

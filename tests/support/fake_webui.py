@@ -26,6 +26,9 @@ MODULE_NAMES = (
     "modules.script_callbacks",
     "modules.textual_inversion",
     "modules.textual_inversion.textual_inversion",
+    "modules.scripts_postprocessing",
+    "modules.ui_components",
+    "modules.deepbooru",
 )
 
 
@@ -126,6 +129,50 @@ class FakeOpts:
         setattr(self, key, info.default)
 
 
+class ScriptPostprocessing:
+    """modules.scripts_postprocessing.ScriptPostprocessing: name, order, ui, process(_firstpass)."""
+
+    name = None
+    order = 1000
+
+
+class PostprocessedImage:
+    """The fields our Extras scripts touch."""
+
+    def __init__(self, image):
+        self.image, self.info, self.extra_images, self.caption, self.nametags = image, {}, [], None, []
+
+    def create_copy(self, new_image, *, nametags=None, disable_processing=False):
+        copy = PostprocessedImage(new_image)
+        copy.nametags = self.nametags + (nametags or [])
+        return copy
+
+
+class FakeInterrogator:
+    def __init__(self):
+        self.loaded = 0
+
+    def load(self):
+        self.loaded += 1
+
+    def generate_caption(self, image):
+        return f"a blip caption of a {image.width}x{image.height} picture"
+
+    def send_blip_to_ram(self):
+        pass
+
+
+class FakeDeepbooru:
+    def start(self):
+        pass
+
+    def stop(self):
+        pass
+
+    def tag_multi(self, image, force_disable_ranks=False):
+        return "1girl, solo"
+
+
 def install(model: Any, root: Path) -> types.SimpleNamespace:
     """Put the fake ``modules`` package in sys.modules with ``model`` as ``shared.sd_model``."""
     mods = {name: types.ModuleType(name) for name in MODULE_NAMES}
@@ -144,6 +191,12 @@ def install(model: Any, root: Path) -> types.SimpleNamespace:
     shared.rendered = []
     shared.reload_hypernetworks = lambda: None
     mods["modules.paths_internal"].data_path = str(root)
+    mods["modules.paths_internal"].models_path = str(root / "models")
+    shared.interrogator = FakeInterrogator()
+    mods["modules.deepbooru"].model = FakeDeepbooru()
+    mods["modules.scripts_postprocessing"].ScriptPostprocessing = ScriptPostprocessing
+    mods["modules.scripts_postprocessing"].PostprocessedImage = PostprocessedImage
+    mods["modules.ui_components"].InputAccordion = lambda value, label="": None
     mods["modules.call_queue"].queue_lock = threading.Lock()
     mods["modules.sd_hijack"].model_hijack = types.SimpleNamespace(embedding_db=FakeEmbeddingDb())
     mods["modules.textual_inversion.textual_inversion"].create_embedding_from_data = create_embedding_from_data
