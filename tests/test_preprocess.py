@@ -144,10 +144,13 @@ def test_preprocess_job_through_the_api(extras, astronaut, tmp_path):
             "caption_deepbooru": True,
         },
     }
-    job_id = client.post("/trainer/v1/jobs", json=body).json()["id"]
+    job_id = client.post("/trainer/v1/preprocess", json=body["config"]).json()["id"]
     job = entry._manager.wait(job_id)
     assert job.state == "done", job.error
     assert job.step == job.total_steps == 3
     assert (tmp_path / "out" / "2.txt").read_text().strip() == "1girl, solo"
     assert np.asarray(Image.open(tmp_path / "out" / "0.png")).shape == (128, 128, 3)
+    assert client.post("/trainer/v1/preprocess", json={"input_dir": "x", "output_dir": "x"}).status_code == 422
+    assert client.post("/trainer/v1/jobs", json=body).status_code == 200  # the same job through the generic route
+    entry._manager.wait(client.get("/trainer/v1/jobs").json()["jobs"][-1]["id"])
     entry._manager = None

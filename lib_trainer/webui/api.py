@@ -8,6 +8,7 @@ from fastapi import Body, FastAPI, HTTPException
 from fastapi.responses import JSONResponse, Response
 
 from lib_trainer.config import DataConfig, json_schema
+from lib_trainer.data.preprocess import PreprocessConfig
 from lib_trainer.errors import TrainerError
 from lib_trainer.methods.hypernetwork import HypernetworkSpec
 from lib_trainer.methods.textual_inversion import EmbeddingConfig
@@ -90,6 +91,19 @@ def register_routes(
         _add_create_route(app, f"{PREFIX}/{route}", schema, create, tags)
 
     _add_report_route(app, dataset_report, tags)
+    _add_preprocess_route(app, manager, tags)
+
+
+def _add_preprocess_route(app: FastAPI, manager: JobManager, tags: list[str]) -> None:
+    body_schema = {"content": {"application/json": {"schema": json_schema(PreprocessConfig)}}, "required": True}
+
+    @app.post(f"{PREFIX}/preprocess", tags=tags, openapi_extra={"requestBody": body_schema})
+    def preprocess(body: dict = Body(...)):  # noqa: B008
+        try:
+            job = manager.submit("preprocess", body)
+        except TrainerError as exc:
+            return error_response(exc)
+        return {"id": job.id, "state": job.state}
 
 
 def _add_report_route(app: FastAPI, dataset_report: Any, tags: list[str]) -> None:
