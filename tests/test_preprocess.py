@@ -117,6 +117,11 @@ def test_extras_scripts_crop_and_caption(extras, astronaut, tmp_path):
     assert pp.extra_images[0].nametags == ["focal-debug"]
     caption.process(pp, enable=True, models=["BLIP", "DeepBooru"], trigger="zq", policy="prepend")
     assert pp.caption == "zq, a blip caption of a 256x384 picture, 1girl, solo, space suit"
+
+    extras.shared.state.textinfo = str(source)  # batch-from-directory: images.read drops .filename, textinfo has it
+    later = extras.PostprocessedImage(Image.open(source).convert("RGB"))
+    caption.process_firstpass(later)
+    assert later.trainer_source == str(source)
     assert extras.shared.interrogator.loaded == 1
 
 
@@ -154,3 +159,14 @@ def test_preprocess_job_through_the_api(extras, astronaut, tmp_path):
     assert client.post("/trainer/v1/jobs", json=body).status_code == 200  # the same job through the generic route
     entry._manager.wait(client.get("/trainer/v1/jobs").json()["jobs"][-1]["id"])
     entry._manager = None
+
+
+def test_bucket_crop_follows_the_aspect_ratio(astronaut, tmp_path):
+    from lib_trainer.data.preprocess import target_size
+
+    config = PreprocessConfig(input_dir="a", output_dir="b", width=256, height=256, buckets=True)
+    wide = target_size(astronaut.resize((600, 300)), config)
+    tall = target_size(astronaut.resize((300, 600)), config)
+    assert wide[0] > wide[1]
+    assert tall[1] > tall[0]
+    assert wide[0] * wide[1] <= 256 * 256

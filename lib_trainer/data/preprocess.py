@@ -89,7 +89,8 @@ def target_size(image: Image.Image, config: PreprocessConfig) -> tuple[int, int]
     """The fixed training size, or the image's nearest bucket."""
     if not config.buckets:
         return config.width, config.height
-    spec = BucketSpec(config.width, config.height, min(256, config.width, config.height), 2048, 64)
+    min_side = max(64, min(config.width, config.height) // 2 // 64 * 64)  # buckets down to half the training side
+    spec = BucketSpec(config.width, config.height, min_side, 2048, 64)
     return assign_bucket(image.size, make_buckets(spec), spec)
 
 

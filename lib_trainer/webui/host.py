@@ -308,3 +308,13 @@ def release_captioners() -> None:
         from modules import deepbooru as host_deepbooru
 
         host_deepbooru.model.stop()
+
+
+def extras_source_path(image: Any) -> str:
+    """The input file of the image the Extras tab is processing, when it is known.
+
+    ``images.read`` returns a corrected copy without ``filename``; in batch-from-directory mode the runner puts
+    the file's path into ``shared.state.textinfo`` just before running the scripts.
+    """
+    name = getattr(image, "filename", "") or getattr(shared.state, "textinfo", "") or ""
+    return name if isinstance(name, str) and Path(name).is_file() else ""

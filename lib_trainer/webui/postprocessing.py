@@ -47,7 +47,7 @@ class TrainerCropScript(Base):
         }
 
     def process_firstpass(self, pp, **kwargs):
-        pp.trainer_source = getattr(pp.image, "filename", "") or getattr(pp, "trainer_source", "")
+        pp.trainer_source = getattr(pp, "trainer_source", "") or host.extras_source_path(pp.image)
 
     def process(self, pp, enable, width, height, buckets, face, entropy, edges, debug):
         if not enable:
@@ -82,7 +82,7 @@ class TrainerCaptionScript(Base):
         return {"enable": enable, "models": models, "trigger": trigger, "policy": policy}
 
     def process_firstpass(self, pp, **kwargs):
-        pp.trainer_source = getattr(pp.image, "filename", "") or getattr(pp, "trainer_source", "")
+        pp.trainer_source = getattr(pp, "trainer_source", "") or host.extras_source_path(pp.image)
 
     def process(self, pp, enable, models, trigger, policy):
         if not enable:
