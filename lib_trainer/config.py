@@ -161,6 +161,10 @@ class DataConfig:
     bucket_max_side: int = 1024
     bucket_step: int = 64
     bucket_no_upscale: bool = False
+    alpha_mask: bool = False  # images with transparency: transparent pixels do not count in the loss
+    reg_dir: str = ""  # regularisation (class) images, captioned or in kohya N_class folders
+    prior_loss_weight: float = 1.0  # loss weight of the regularisation images
+    latent_cache: Literal["memory", "disk"] = "memory"  # disk: reuse latents across runs (keyed by file + model)
 
     def __post_init__(self) -> None:
         if not self.data_dir.strip():
@@ -183,6 +187,7 @@ class DataConfig:
         check_range("data.keep_tags", self.keep_tags, 0, None)
         check_range("data.tag_dropout", self.tag_dropout, 0.0, 0.95)
         check_range("data.caption_dropout", self.caption_dropout, 0.0, 1.0)
+        check_range("data.prior_loss_weight", self.prior_loss_weight, 0.0, 100.0)
         check_range("data.bucket_min_side", self.bucket_min_side, 64, 4096)
         check_range(
             "data.bucket_max_side",

@@ -15,7 +15,7 @@ from PIL import Image
 from lib_trainer.config import DataConfig
 from lib_trainer.data.buckets import BucketSpec, assign_bucket, make_buckets
 from lib_trainer.data.captions import augment_tags, caption_from_filename, read_caption
-from lib_trainer.data.images import IMAGE_EXTENSIONS, load_rgb, resize_crop, to_tensor
+from lib_trainer.data.images import IMAGE_EXTENSIONS, load_alpha, load_rgb, mask_tensor, resize_crop, to_tensor
 from lib_trainer.data.templates import fill_template, load_template, uses_filewords
 from lib_trainer.errors import DatasetError
 from lib_trainer.models.parts import LatentEncoder
@@ -36,6 +36,9 @@ class Sample:
     pixels: torch.Tensor
     repeats: int = 1
     folder_caption: str | None = None
+    mask: torch.Tensor | None = None  # [1, h/8, w/8] from the alpha channel (data.alpha_mask)
+    loss_weight: float = 1.0
+    is_reg: bool = False  # a regularisation (class) image: captioned as is, no template or trigger
 
     @property
     def size(self) -> tuple[int, int]:
@@ -52,13 +55,13 @@ class ScanResult:
     small: list[tuple[Path, tuple[int, int]]] = field(default_factory=list)  # smaller than their bucket
 
 
-def image_folders(config: DataConfig) -> list[tuple[Path, int, str | None]]:
+def image_folders(config: DataConfig, folder: str | None = None) -> list[tuple[Path, int, str | None]]:
     """(folder, repeats, class tokens): the data folder itself, then kohya ``N_name`` subfolders."""
-    root = Path(config.data_dir).expanduser()
+    field = "data.data_dir" if folder is None else "data.reg_dir"
+    root = Path(folder if folder is not None else config.data_dir).expanduser()
     if not root.is_dir():
         raise DatasetError(
-            f"data.data_dir {str(root)!r} is not an existing folder; give the folder of your images",
-            field="data.data_dir",
+            f"{field} {str(root)!r} is not an existing folder; give the folder of your images", field=field
         )
     folders: list[tuple[Path, int, str | None]] = [(root, 1, None)]
     for sub in sorted(p for p in root.iterdir() if p.is_dir()):
@@ -85,10 +88,17 @@ def scan_folder(config: DataConfig) -> ScanResult:
     spec = bucket_spec(config)
     buckets = make_buckets(spec) if config.buckets else [(config.width, config.height)]
     result = ScanResult()
-    for folder, repeats, folder_caption in image_folders(config):
-        for path in sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")):
-            if path.suffix.lower() in IMAGE_EXTENSIONS:
-                _load_sample(path, config, spec, buckets, (repeats, folder_caption), result)
+    sources = [(image_folders(config), False)]
+    if config.reg_dir.strip():
+        sources.append((image_folders(config, config.reg_dir), True))
+    for folders, is_reg in sources:
+        for folder, repeats, folder_caption in folders:
+            for path in sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")):
+                if path.suffix.lower() in IMAGE_EXTENSIONS:
+                    _load_sample(path, config, spec, buckets, (repeats, folder_caption), result)
+                    if is_reg and result.samples and result.samples[-1].path == path:
+                        result.samples[-1].is_reg = True
+                        result.samples[-1].loss_weight = config.prior_loss_weight
     return result
 
 
@@ -104,6 +114,7 @@ def _load_sample(
         image = load_rgb(path)
         size = assign_bucket(image.size, buckets, spec) if config.buckets else buckets[0]
         pixels = to_tensor(resize_crop(image, *size))
+        alpha = load_alpha(path) if config.alpha_mask else None
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:  # corrupt / non-image files
         result.problems.append((path, f"cannot be read as an image ({exc})"))
         return
@@ -114,7 +125,8 @@ def _load_sample(
         return
     if image.size[0] < size[0] or image.size[1] < size[1]:
         result.small.append((path, image.size))
-    result.samples.append(Sample(path, caption, pixels, folder[0], folder[1]))
+    mask = mask_tensor(alpha, *size) if alpha is not None else None
+    result.samples.append(Sample(path, caption, pixels, folder[0], folder[1], mask))
 
 
 def load_training_set(config: DataConfig) -> tuple[list[Sample], list[str]]:
@@ -131,7 +143,7 @@ def load_training_set(config: DataConfig) -> tuple[list[Sample], list[str]]:
         raise DatasetError(
             f"no images found in {config.data_dir!r}; put .jpg, .jpeg, .png, .webp or .bmp files in that folder"
         )
-    missing = [s.path.name for s in scan.samples if s.caption is None and s.folder_caption is None]
+    missing = [s.path.name for s in scan.samples if s.caption is None and s.folder_caption is None and not s.is_reg]
     if missing and uses_filewords(template) and config.missing_caption == "error":
         listed = ", ".join(missing[:10]) + (f" (and {len(missing) - 10} more)" if len(missing) > 10 else "")
         raise DatasetError(
@@ -151,6 +163,8 @@ class PromptMaker:
     def prompt(self, sample: Sample) -> str:
         """A prompt for ``sample``; the caption falls back per ``missing_caption``."""
         cfg = self.config
+        if sample.is_reg:  # class images keep their own caption (kohya): no template, no trigger word
+            return sample.caption or sample.folder_caption or caption_from_filename(sample.path)
         caption = sample.caption if sample.caption is not None else sample.folder_caption
         if caption is None:
             caption = caption_from_filename(sample.path) if cfg.missing_caption == "filename" else ""
@@ -186,8 +200,10 @@ class LatentCache:
     def latents(self, indices: list[int], generator: torch.Generator) -> torch.Tensor:
         """Scaled latents ``[B, 4, h, w]`` for ``indices`` of one bucket (fresh draws for ``random``/``flip``)."""
         out = []
+        self.last_mirrored = []
         for i in indices:
             mirrored = self.flip and bool(torch.rand(1, generator=generator) < 0.5)
+            self.last_mirrored.append(mirrored)
             mean = (self.flip_mean if mirrored else self.mean)[i]
             if self.method == "random":
                 std = (self.flip_std if mirrored else self.std)[i]
@@ -250,7 +266,18 @@ class TrainingBatches:
             self.queue = epoch_batches(self.samples, self.batch_size, self.rng)
         indices = self.queue.pop(0)
         prompts = [self.prompts.prompt(self.samples[i]) for i in indices]
-        return self.cache.latents(indices, self.latent_generator), prompts
+        latents = self.cache.latents(indices, self.latent_generator)
+        extras = {}
+        samples = [self.samples[i] for i in indices]
+        if any(s.loss_weight != 1.0 for s in samples):
+            extras["weights"] = torch.tensor([s.loss_weight for s in samples])
+        if self.prompts.config.alpha_mask:
+            masks = [s.mask if s.mask is not None else torch.ones(1, *latents.shape[2:]) for s in samples]
+            mirrored = getattr(self.cache, "last_mirrored", [False] * len(masks))
+            extras["mask"] = torch.stack(
+                [torch.flip(m, dims=[2]) if flipped else m for m, flipped in zip(masks, mirrored, strict=True)]
+            )
+        return (latents, prompts, extras) if extras else (latents, prompts)
 
     def rng_state(self) -> dict[str, Any]:
         """Random state for a resume sidecar (JSON values and tensors)."""

@@ -21,6 +21,22 @@ def load_rgb(path: Path) -> Image.Image:
         return img.convert("RGB")
 
 
+def load_alpha(path: Path) -> Image.Image | None:
+    """The image's transparency as an "L" image (EXIF orientation applied), or None when it has none."""
+    with Image.open(path) as img:
+        img.load()
+        img = ImageOps.exif_transpose(img)
+        if img.mode not in ("RGBA", "LA", "PA") and not (img.mode == "P" and "transparency" in img.info):
+            return None
+        return img.convert("RGBA").getchannel("A")
+
+
+def mask_tensor(alpha: Image.Image, width: int, height: int) -> torch.Tensor:
+    """Alpha cropped like the pixels, averaged down to latent resolution: ``[1, h/8, w/8]`` in [0, 1]."""
+    small = resize_crop(alpha, width, height).resize((width // 8, height // 8), Image.Resampling.BOX)
+    return torch.from_numpy(np.asarray(small, dtype=np.float32) / 255.0).unsqueeze(0)
+
+
 def resize_crop(img: Image.Image, width: int, height: int) -> Image.Image:
     """Scale so the image covers ``width``x``height``, then crop the centre."""
     scale = max(width / img.width, height / img.height)

@@ -55,9 +55,12 @@ class Objective(Protocol):
 
 
 class BatchSource(Protocol):
-    """Endless batches of (latents on CPU, prompts), with its random state for resuming."""
+    """Endless batches of (latents on CPU, prompts[, extras]), with its random state for resuming.
 
-    def next_batch(self) -> tuple[torch.Tensor, list[str]]: ...
+    ``extras`` may hold per-sample loss ``weights`` ``[B]`` and a loss ``mask`` ``[B, 1, h, w]``.
+    """
+
+    def next_batch(self) -> tuple: ...
 
     def rng_state(self) -> dict[str, Any]: ...
 
@@ -161,11 +164,18 @@ def _optimizer_step(run: _Run, objective: Objective, rate: float, precision: str
         group["lr"] = 0.0 if stopped else rate * spec.get("lr_scale", 1.0)
     total, prompt = 0.0, ""
     for _ in range(run.config.gradient_accumulation):
-        latents, prompts = run.batches.next_batch()
+        batch = run.batches.next_batch()
+        latents, prompts = batch[0], batch[1]
+        extras = batch[2] if len(batch) > 2 else {}  # optional per-sample "weights" [B] and "mask" [B, 1, h, w]
         prompt = prompts[0]
-        with autocast(run.parts.device, precision):
+        device = run.parts.device
+        with autocast(device, precision):
             cond = run.trainable.condition(run.parts, prompts)
-            loss = objective.loss(run.parts, latents.to(run.parts.device), cond, run.generator).mean()
+            masked = {"mask": extras["mask"].to(device)} if "mask" in extras else {}
+            per_sample = objective.loss(run.parts, latents.to(device), cond, run.generator, **masked)
+            if "weights" in extras:
+                per_sample = per_sample * extras["weights"].to(per_sample.device)
+            loss = per_sample.mean()
         if not math.isfinite(loss.item()):
             raise TrainingError(
                 f"the loss became {loss.item()} at step {run.step + 1}; training stopped and the last finite state "

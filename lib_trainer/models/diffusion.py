@@ -47,9 +47,14 @@ class DiffusionObjective:
         self.noise_offset, self.min_snr_gamma = noise_offset, min_snr_gamma
 
     def loss(
-        self, parts: ModelParts, latents: torch.Tensor, cond: torch.Tensor, generator: torch.Generator
+        self,
+        parts: ModelParts,
+        latents: torch.Tensor,
+        cond: torch.Tensor,
+        generator: torch.Generator,
+        mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Per-sample MSE ``[B]`` of the model's prediction at a random timestep."""
+        """Per-sample MSE ``[B]`` of the model's prediction at a random timestep (mask-weighted if given)."""
         batch = latents.shape[0]
         t = torch.randint(0, parts.num_timesteps, (batch,), generator=generator, device=generator.device)
         t = t.to(latents.device)
@@ -61,7 +66,12 @@ class DiffusionObjective:
         x_t = add_noise(latents, noise, t, parts.alphas_cumprod)
         pred = parts.apply_model(x_t.to(parts.dtype), t, cond)
         target = target_for(parts.prediction, latents, noise, t, parts.alphas_cumprod)
-        loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+        error = F.mse_loss(pred.float(), target.float(), reduction="none")
+        if mask is None:
+            loss = error.mean(dim=(1, 2, 3))
+        else:  # transparent pixels (mask 0) do not count; the mean is over the counted area
+            weight = mask.float().expand_as(error)
+            loss = (error * weight).sum(dim=(1, 2, 3)) / weight.sum(dim=(1, 2, 3)).clamp(min=1e-6)
         if self.min_snr_gamma:
             loss = loss * min_snr_weight(t, parts.alphas_cumprod, self.min_snr_gamma, parts.prediction)
         return loss

@@ -58,6 +58,10 @@ DATA_FIELDS: tuple[FormField, ...] = (
     FormField("data.bucket_max_side", "Bucket max side", "slider", 64, 4096, 64),
     FormField("data.bucket_step", "Bucket step", "slider", 64, 512, 64),
     FormField("data.bucket_no_upscale", "Never upscale small images", "checkbox"),
+    FormField("data.alpha_mask", "Use transparency as a loss mask", "checkbox"),
+    FormField("data.reg_dir", "Regularisation (class) images folder (optional)", "text"),
+    FormField("data.prior_loss_weight", "Prior-loss weight of regularisation images", "number", 0.0, 100.0),
+    FormField("data.latent_cache", "Latent cache", "radio", choices=("memory", "disk")),
 )
 TRAIN_FIELDS: tuple[FormField, ...] = (
     FormField("train.steps", "Max steps (total)", "int", 1, 10_000_000, 1),
