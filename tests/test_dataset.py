@@ -157,3 +157,74 @@ def test_report_lists_bad_files_without_touching_them(tmp_path):
     assert sum(report["buckets"].values()) == 6
     assert [o["file"] for o in report["over_length_captions"]] == ["ok.png"]  # 2 tags x 40 > 75
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
+def test_alpha_mask_weights_the_loss(tmp_path, sd1_model):
+    from lib_trainer.models.diffusion import DiffusionObjective
+    from lib_trainer.models.ldm import parts_from_ldm
+
+    rgba = np.zeros((64, 64, 4), dtype=np.uint8)
+    rgba[..., :3] = 200
+    rgba[:, 32:, 3] = 255  # right half opaque
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "cutout.png")
+    (tmp_path / "cutout.txt").write_text("object")
+    sample = scan_folder(DataConfig(data_dir=str(tmp_path), width=64, height=64, alpha_mask=True)).samples[0]
+    assert sample.mask.shape == (1, 8, 8)
+    assert sample.mask[0, :, :4].max() == 0
+    assert sample.mask[0, :, 4:].min() == 1
+
+    parts = parts_from_ldm(sd1_model)
+    latents = torch.randn(1, 4, 8, 8)
+    cond = parts.text_encoder.encode(["object"]).detach()
+
+    def loss(mask):
+        with torch.no_grad():
+            return DiffusionObjective().loss(parts, latents, cond, torch.Generator().manual_seed(0), mask=mask)
+
+    full, ones, half = loss(None), loss(torch.ones(1, 1, 8, 8)), loss(sample.mask.unsqueeze(0))
+    torch.testing.assert_close(full, ones)
+    assert not torch.allclose(full, half)
+
+
+def test_regularisation_images_keep_their_captions_and_weight(tmp_path):
+    write(tmp_path / "data" / "me.png", (64, 64), "photo of me")
+    write(tmp_path / "reg" / "1_person" / "r1.png", (64, 64))
+    write(tmp_path / "reg" / "1_person" / "r2.png", (64, 64), "a woman")
+    config = DataConfig(
+        data_dir=str(tmp_path / "data"),
+        reg_dir=str(tmp_path / "reg"),
+        width=64,
+        height=64,
+        prior_loss_weight=0.5,
+        trigger_word="zq",
+    )
+    samples = scan_folder(config).samples
+    regs = [s for s in samples if s.is_reg]
+    assert [s.path.name for s in regs] == ["r1.png", "r2.png"]
+    assert {s.loss_weight for s in regs} == {0.5}
+    maker = PromptMaker(["photo, [filewords]"], "zq", config, random.Random(0))
+    assert [maker.prompt(s) for s in samples] == ["photo, zq, photo of me", "person", "a woman"]
+
+    from lib_trainer.data.dataset import TrainingBatches
+
+    cache = LatentCache(samples, mirror_encoder(), "deterministic", torch.Generator())
+    batches = TrainingBatches(samples, cache, maker, 3, 0)
+    _latents, _prompts, extras = batches.next_batch()
+    assert sorted(extras["weights"].tolist()) == [0.5, 0.5, 1.0]
+
+
+def test_disk_latent_cache_is_reused_and_keyed_by_model(tmp_path):
+    from lib_trainer.data.latent_store import LatentStore
+
+    calls = []
+    encoder = mirror_encoder()
+    counting = LatentEncoder(lambda images: calls.append(len(images)) or encoder.encode(images), 1.0)
+    path = write(tmp_path / "a.png", (64, 64), "x")
+    samples = [Sample(path, "x", torch.rand(3, 64, 64) * 2 - 1)]
+    first = LatentCache(samples, counting, "deterministic", torch.Generator(), store=LatentStore(tmp_path / "c", "m1"))
+    second = LatentCache(samples, counting, "deterministic", torch.Generator(), store=LatentStore(tmp_path / "c", "m1"))
+    assert calls == [1]
+    assert torch.equal(first.mean[0], second.mean[0])
+    LatentCache(samples, counting, "deterministic", torch.Generator(), store=LatentStore(tmp_path / "c", "m2"))
+    assert calls == [1, 1]
+    assert len(list((tmp_path / "c").iterdir())) == 2

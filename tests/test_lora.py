@@ -373,3 +373,30 @@ def test_training_with_buckets_and_repeats(sd1_model, tmp_path):
         "2_sks": {"n_repeats": 2, "img_count": 2},
     }
     assert meta["ss_num_train_images"] == "5"
+
+
+def test_training_with_masks_regularisation_and_disk_cache(sd1_model, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from tests.test_dataset import write
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for i in range(2):
+        rgba = (np.random.default_rng(i).random((64, 64, 4)) * 255).astype("uint8")
+        Image.fromarray(rgba, "RGBA").save(data / f"{i}.png")
+        (data / f"{i}.txt").write_text("thing")
+    write(tmp_path / "reg" / "2_object" / "r.png", (64, 64))
+    request = lora_request(data)
+    request["data"].update(
+        {"alpha_mask": True, "reg_dir": str(tmp_path / "reg"), "prior_loss_weight": 0.3, "latent_cache": "disk"}
+    )
+    paths = OutputPaths(tmp_path / "Lora", tmp_path / "log")
+    parts = parts_from_ldm(sd1_model)
+    assert train_lora(LoraConfig.from_dict(request), parts, paths).step == 4
+    cached = sorted((paths.log_dir / "latent-cache").iterdir())
+    assert len(cached) == 3
+    request["network"]["overwrite"] = True
+    train_lora(LoraConfig.from_dict(request), parts, paths)
+    assert sorted((paths.log_dir / "latent-cache").iterdir()) == cached

@@ -16,6 +16,7 @@ from lib_trainer.config import DataConfig
 from lib_trainer.data.buckets import BucketSpec, assign_bucket, make_buckets
 from lib_trainer.data.captions import augment_tags, caption_from_filename, read_caption
 from lib_trainer.data.images import IMAGE_EXTENSIONS, load_alpha, load_rgb, mask_tensor, resize_crop, to_tensor
+from lib_trainer.data.latent_store import LatentStore
 from lib_trainer.data.templates import fill_template, load_template, uses_filewords
 from lib_trainer.errors import DatasetError
 from lib_trainer.models.parts import LatentEncoder
@@ -181,12 +182,18 @@ class LatentCache:
     buckets of different sizes can coexist; ``random`` sampling keeps mean and std and redraws each time."""
 
     def __init__(
-        self, samples: list[Sample], encoder: LatentEncoder, method: str, generator: torch.Generator, flip: bool = False
+        self,
+        samples: list[Sample],
+        encoder: LatentEncoder,
+        method: str,
+        generator: torch.Generator,
+        flip: bool = False,
+        store: LatentStore | None = None,
     ):
         self.method, self.scale, self.flip = method, encoder.scale_factor, flip
-        self.mean, self.std = _encode_all(samples, encoder, mirror=False)
+        self.mean, self.std = _encode_all(samples, encoder, False, store)
         if flip:
-            self.flip_mean, self.flip_std = _encode_all(samples, encoder, mirror=True)
+            self.flip_mean, self.flip_std = _encode_all(samples, encoder, True, store)
         if method == "once":
             self.mean = [
                 m + s * torch.randn(m.shape, generator=generator) for m, s in zip(self.mean, self.std, strict=True)
@@ -212,12 +219,19 @@ class LatentCache:
         return torch.stack(out) * self.scale
 
 
-def _encode_all(samples: list[Sample], encoder: LatentEncoder, mirror: bool) -> tuple[list, list]:
+def _encode_all(
+    samples: list[Sample], encoder: LatentEncoder, mirror: bool, store: LatentStore | None
+) -> tuple[list, list]:
     means: list[torch.Tensor | None] = [None] * len(samples)
     stds: list[torch.Tensor | None] = [None] * len(samples)
+    keys = [store.key(s.path, s.size, mirror) if store else "" for s in samples]
     by_size: dict[tuple[int, int], list[int]] = {}
     for i, sample in enumerate(samples):
-        by_size.setdefault(sample.size, []).append(i)
+        cached = store.get(keys[i]) if store else None
+        if cached is not None:
+            means[i], stds[i] = cached
+        else:
+            by_size.setdefault(sample.size, []).append(i)
     for indices in by_size.values():
         for start in range(0, len(indices), ENCODE_BATCH):
             chunk = indices[start : start + ENCODE_BATCH]
@@ -225,6 +239,8 @@ def _encode_all(samples: list[Sample], encoder: LatentEncoder, mirror: bool) -> 
             mean, std = encoder.encode(torch.flip(pixels, dims=[3]) if mirror else pixels)
             for j, i in enumerate(chunk):
                 means[i], stds[i] = mean[j].cpu(), std[j].cpu()
+                if store:
+                    store.put(keys[i], means[i], stds[i])
     return means, stds
 
 

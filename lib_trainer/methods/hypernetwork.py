@@ -21,6 +21,7 @@ from torch import nn
 
 from lib_trainer.config import CONFIG_VERSION, DataConfig, TrainConfig, build_versioned, to_json
 from lib_trainer.data.dataset import LatentCache, PromptMaker, TrainingBatches, load_training_set
+from lib_trainer.data.latent_store import latent_store
 from lib_trainer.errors import ConfigError, FormatError
 from lib_trainer.formats.files import check_name, is_inside, path_in
 from lib_trainer.formats.hypernetwork import (
@@ -378,6 +379,7 @@ def train_hypernetwork(
         config.data.latent_sampling,
         torch.Generator().manual_seed(seed),
         flip=config.data.flip,
+        store=latent_store(config.data, parts, paths.log_dir),
     )
     batch_seed = seed if trainable.resume else seed + start_step
     prompts = PromptMaker(template, config.hypernetwork.name, config.data, random.Random(batch_seed))

@@ -34,6 +34,7 @@ from lib_trainer.data.dataset import (
     batches_per_epoch,
     load_training_set,
 )
+from lib_trainer.data.latent_store import latent_store
 from lib_trainer.data.report import bucket_info, folder_stats, tag_frequency
 from lib_trainer.errors import ConfigError, FormatError, UnsupportedModelError
 from lib_trainer.formats.files import check_name, is_inside, path_in
@@ -425,6 +426,7 @@ def train_lora(
         config.data.latent_sampling,
         torch.Generator().manual_seed(seed),
         flip=config.data.flip,
+        store=latent_store(config.data, parts, paths.log_dir),
     )
     batch_seed = seed if trainable.resume else seed + trainable.start_step
     prompts = PromptMaker(template, config.network.name, config.data, random.Random(batch_seed))

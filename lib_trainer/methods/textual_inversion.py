@@ -19,6 +19,7 @@ import torch
 
 from lib_trainer.config import CONFIG_VERSION, DataConfig, TrainConfig, build_versioned, check_range, to_json
 from lib_trainer.data.dataset import LatentCache, PromptMaker, TrainingBatches, load_training_set
+from lib_trainer.data.latent_store import latent_store
 from lib_trainer.errors import ConfigError, FormatError
 from lib_trainer.formats.embedding import (
     EMBEDDING_EXTENSIONS,
@@ -248,6 +249,7 @@ def train_embedding(
         config.data.latent_sampling,
         torch.Generator().manual_seed(seed),
         flip=config.data.flip,
+        store=latent_store(config.data, parts, paths.log_dir),
     )
     # without a sidecar a resumed run draws new batches instead of repeating the first steps' ones
     batch_seed = seed if resume else seed + start.step
