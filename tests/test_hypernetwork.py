@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 import safetensors.torch
 import torch
-import torch.nn.functional as F
 
 from lib_trainer.errors import ConfigError, TrainingError
 from lib_trainer.loop.hooks import TrainingHooks
@@ -27,6 +26,7 @@ from lib_trainer.models.diffusion import add_noise
 from lib_trainer.models.guard import state_fingerprint
 from lib_trainer.models.ldm import parts_from_ldm
 from tests.support.hypernetwork_reference import load_pair
+from tests.support.known_answer import FixedBatches, TeacherObjective
 
 WEBUI_KEYS = {
     "step",
@@ -106,29 +106,6 @@ def test_attach_detach_and_multiplier_zero(sd1_model):
     assert all(len(m._forward_pre_hooks) == 0 for m in sd1_model.modules())
     after = state_fingerprint(sd1_model)
     assert all(torch.equal(before[k], after[k]) for k in before)
-
-
-class FixedBatches:
-    def __init__(self, latents, prompts):
-        self.latents, self.prompts = latents, prompts
-
-    def next_batch(self):
-        return self.latents, self.prompts
-
-    def rng_state(self):
-        return {}
-
-    def set_rng_state(self, state):
-        pass
-
-
-class TeacherObjective:
-    def __init__(self, x_t, t, target):
-        self.x_t, self.t, self.target = x_t, t, target
-
-    def loss(self, parts, latents, cond, generator):
-        pred = parts.apply_model(self.x_t, self.t, cond).float()
-        return F.mse_loss(pred, self.target, reduction="none").mean(dim=(1, 2, 3))
 
 
 @pytest.mark.slow

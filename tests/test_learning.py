@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from lib_trainer.formats.embedding import EmbeddingFile
 from lib_trainer.loop.train import train
@@ -20,36 +19,10 @@ from lib_trainer.methods.textual_inversion import (
     initial_vectors,
 )
 from lib_trainer.models.diffusion import add_noise
+from tests.support.known_answer import FixedBatches, TeacherObjective
 
 STEPS = {"sd1": 300, "sd2": 500}
 REQUIRED_FACTOR = 100.0
-
-
-class FixedBatches:
-    """Always the same latents and prompts (the known-answer problem is deterministic)."""
-
-    def __init__(self, latents, prompts):
-        self.latents, self.prompts = latents, prompts
-
-    def next_batch(self):
-        return self.latents, self.prompts
-
-    def rng_state(self):
-        return {}
-
-    def set_rng_state(self, state):
-        pass
-
-
-class TeacherObjective:
-    """MSE to the frozen model's prediction with the hidden vectors, at fixed noisy latents and timesteps."""
-
-    def __init__(self, x_t, t, target):
-        self.x_t, self.t, self.target = x_t, t, target
-
-    def loss(self, parts, latents, cond, generator):
-        pred = parts.apply_model(self.x_t, self.t, cond)
-        return F.mse_loss(pred.float(), self.target, reduction="none").mean(dim=(1, 2, 3))
 
 
 @pytest.mark.slow

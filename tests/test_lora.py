@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from lib_trainer.errors import ConfigError, TrainerError, UnsupportedModelError
 from lib_trainer.formats.lora import read_network, save_network
@@ -27,6 +26,7 @@ from lib_trainer.models.diffusion import add_noise
 from lib_trainer.models.guard import state_fingerprint
 from lib_trainer.models.kohya_names import module_key_table, unet_key_table
 from lib_trainer.models.ldm import parts_from_ldm
+from tests.support.known_answer import FixedBatches, TeacherObjective
 from tests.support.kohya_reference import count_kohya_targets, kohya_unet_names, merge_into
 from tests.support.models import build_model
 
@@ -147,30 +147,6 @@ def test_keys_are_kohya_diffusers_names_of_real_modules(layout_parts, algo, conv
     assert "lora_te_text_model_encoder_layers_0_self_attn_q_proj" in te_keys
     assert "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q" in unet_keys
     assert len(unet_key_table(parts.unet)) > len(unet_keys)
-
-
-class FixedBatches:
-    def __init__(self, latents, prompts):
-        self.latents, self.prompts = latents, prompts
-
-    def next_batch(self):
-        return self.latents, self.prompts
-
-    def rng_state(self):
-        return {}
-
-    def set_rng_state(self, state):
-        pass
-
-
-class TeacherObjective:
-    def __init__(self, x_t, t, target):
-        self.x_t, self.t, self.target = x_t, t, target
-
-    def loss(self, parts, latents, cond, generator):
-        return F.mse_loss(parts.apply_model(self.x_t, self.t, cond).float(), self.target, reduction="none").mean(
-            dim=(1, 2, 3)
-        )
 
 
 @pytest.mark.slow

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import random
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,8 +19,7 @@ import torch
 from torch import nn
 
 from lib_trainer.config import CONFIG_VERSION, DataConfig, TrainConfig, build_versioned, to_json
-from lib_trainer.data.dataset import LatentCache, PromptMaker, TrainingBatches, load_training_set
-from lib_trainer.data.latent_store import latent_store
+from lib_trainer.data.dataset import load_training_set
 from lib_trainer.errors import ConfigError, FormatError
 from lib_trainer.formats.files import check_name, is_inside, path_in
 from lib_trainer.formats.hypernetwork import (
@@ -38,8 +36,8 @@ from lib_trainer.loop.checkpoint import ResumeState, load_sidecar, save_sidecar,
 from lib_trainer.loop.hooks import TrainingHooks
 from lib_trainer.loop.precision import resolve_precision
 from lib_trainer.loop.schedules import parse_learning_rate
-from lib_trainer.loop.train import LossLog, Objective, TrainResult, train
-from lib_trainer.models.diffusion import DiffusionObjective
+from lib_trainer.loop.train import Objective, TrainResult
+from lib_trainer.methods.common import train_on_dataset
 from lib_trainer.models.parts import ModelParts
 
 RISKY_LR = 1e-4
@@ -370,19 +368,5 @@ def train_hypernetwork(
     trainable = HypernetworkTrainable(config, parts, paths, net, start_step)
     if source is not None:
         trainable.resume = load_sidecar(source, tensors_checksum(trainable.parameters()))
-    trainable.run_dir.mkdir(parents=True, exist_ok=True)
-    (trainable.run_dir / "config.json").write_text(to_json(config), encoding="utf-8")
-    seed = config.train.seed
-    cache = LatentCache(
-        samples,
-        parts.latent_encoder,
-        config.data.latent_sampling,
-        torch.Generator().manual_seed(seed),
-        flip=config.data.flip,
-        store=latent_store(config.data, parts, paths.log_dir),
-    )
-    batch_seed = seed if trainable.resume else seed + start_step
-    prompts = PromptMaker(template, config.hypernetwork.name, config.data, random.Random(batch_seed))
-    batches = TrainingBatches(samples, cache, prompts, config.train.batch_size, batch_seed)
-    objective = objective or DiffusionObjective(config.train.noise_offset, config.train.min_snr_gamma)
-    return train(parts, trainable, batches, objective, config.train, hooks, LossLog(trainable.run_dir / "loss.csv"))
+    data = (samples, template, config.hypernetwork.name)
+    return train_on_dataset(config, parts, trainable, data, paths.log_dir, hooks, objective)

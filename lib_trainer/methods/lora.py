@@ -15,7 +15,6 @@ import contextlib
 import dataclasses
 import json
 import math
-import random
 import time
 import uuid
 from collections.abc import Iterator
@@ -27,14 +26,10 @@ import torch
 
 from lib_trainer.config import CONFIG_VERSION, DataConfig, TrainConfig, build_versioned, check_range, to_json
 from lib_trainer.data.dataset import (
-    LatentCache,
-    PromptMaker,
     Sample,
-    TrainingBatches,
     batches_per_epoch,
     load_training_set,
 )
-from lib_trainer.data.latent_store import latent_store
 from lib_trainer.data.report import bucket_info, folder_stats, tag_frequency
 from lib_trainer.errors import ConfigError, FormatError, UnsupportedModelError
 from lib_trainer.formats.files import check_name, is_inside, path_in
@@ -42,8 +37,8 @@ from lib_trainer.formats.lora import network_metadata, read_network, save_networ
 from lib_trainer.loop.checkpoint import ResumeState, load_sidecar, save_sidecar, tensors_checksum
 from lib_trainer.loop.hooks import TrainingHooks
 from lib_trainer.loop.precision import resolve_precision
-from lib_trainer.loop.train import LossLog, Objective, TrainResult, train
-from lib_trainer.models.diffusion import DiffusionObjective
+from lib_trainer.loop.train import Objective, TrainResult
+from lib_trainer.methods.common import train_on_dataset
 from lib_trainer.models.kohya_names import UNET_PREFIX, unet_key_table
 from lib_trainer.models.parts import ModelParts
 
@@ -417,22 +412,8 @@ def train_lora(
             f"{config.train.steps} (the total); raise it to train further",
             "train.steps",
         )
-    trainable.run_dir.mkdir(parents=True, exist_ok=True)
-    (trainable.run_dir / "config.json").write_text(to_json(config), encoding="utf-8")
-    seed = config.train.seed
-    cache = LatentCache(
-        samples,
-        parts.latent_encoder,
-        config.data.latent_sampling,
-        torch.Generator().manual_seed(seed),
-        flip=config.data.flip,
-        store=latent_store(config.data, parts, paths.log_dir),
-    )
-    batch_seed = seed if trainable.resume else seed + trainable.start_step
-    prompts = PromptMaker(template, config.network.name, config.data, random.Random(batch_seed))
-    batches = TrainingBatches(samples, cache, prompts, config.train.batch_size, batch_seed)
-    objective = objective or DiffusionObjective(config.train.noise_offset, config.train.min_snr_gamma)
-    return train(parts, trainable, batches, objective, config.train, hooks, LossLog(trainable.run_dir / "loss.csv"))
+    data = (samples, template, config.network.name)
+    return train_on_dataset(config, parts, trainable, data, paths.log_dir, hooks, objective)
 
 
 def _resume(trainable: NetworkTrainable, source: Path) -> None:

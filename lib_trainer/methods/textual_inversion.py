@@ -11,15 +11,13 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import random
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from lib_trainer.config import CONFIG_VERSION, DataConfig, TrainConfig, build_versioned, check_range, to_json
-from lib_trainer.data.dataset import LatentCache, PromptMaker, TrainingBatches, load_training_set
-from lib_trainer.data.latent_store import latent_store
+from lib_trainer.data.dataset import load_training_set
 from lib_trainer.errors import ConfigError, FormatError
 from lib_trainer.formats.embedding import (
     EMBEDDING_EXTENSIONS,
@@ -32,8 +30,8 @@ from lib_trainer.formats.files import check_name, is_inside, path_in
 from lib_trainer.loop.checkpoint import ResumeState, load_sidecar, save_sidecar, tensors_checksum
 from lib_trainer.loop.hooks import TrainingHooks
 from lib_trainer.loop.precision import resolve_precision
-from lib_trainer.loop.train import LossLog, Objective, TrainResult, train
-from lib_trainer.models.diffusion import DiffusionObjective
+from lib_trainer.loop.train import Objective, TrainResult
+from lib_trainer.methods.common import train_on_dataset
 from lib_trainer.models.parts import ModelParts
 
 MAX_VECTORS = 75
@@ -240,21 +238,5 @@ def train_embedding(
     samples, template, start, resume = prepare(config, parts, paths)
     trainable = EmbeddingTrainable(config, parts, paths, start)
     trainable.resume = resume
-    trainable.run_dir.mkdir(parents=True, exist_ok=True)
-    (trainable.run_dir / "config.json").write_text(to_json(config), encoding="utf-8")
-    seed = config.train.seed
-    cache = LatentCache(
-        samples,
-        parts.latent_encoder,
-        config.data.latent_sampling,
-        torch.Generator().manual_seed(seed),
-        flip=config.data.flip,
-        store=latent_store(config.data, parts, paths.log_dir),
-    )
-    # without a sidecar a resumed run draws new batches instead of repeating the first steps' ones
-    batch_seed = seed if resume else seed + start.step
-    prompts = PromptMaker(template, config.embedding.name, config.data, random.Random(batch_seed))
-    batches = TrainingBatches(samples, cache, prompts, config.train.batch_size, batch_seed)
-    log = LossLog(trainable.run_dir / "loss.csv")
-    objective = objective or DiffusionObjective(config.train.noise_offset, config.train.min_snr_gamma)
-    return train(parts, trainable, batches, objective, config.train, hooks, log)
+    data = (samples, template, config.embedding.name)
+    return train_on_dataset(config, parts, trainable, data, paths.log_dir, hooks, objective)
