@@ -26,6 +26,7 @@ from modules import initialize, shared_init
 initialize.imports()
 shared_init.initialize()
 from modules import call_queue, paths_internal, processing, script_callbacks, sd_hijack, sd_samplers, shared
+from modules import deepbooru, scripts_postprocessing, ui_components
 from modules.textual_inversion import textual_inversion
 sys.path.insert(0, EXTENSION_ROOT)
 import lib_trainer.webui.host as host  # our glue imports cleanly against the real modules
@@ -54,6 +55,11 @@ print(json.dumps({
     "callbacks": all(callable(getattr(script_callbacks, n, None))
                      for n in ("on_ui_tabs", "on_ui_settings", "on_app_started")),
     "host_imported": host.__name__,
+    "extras": [hasattr(scripts_postprocessing, "ScriptPostprocessing"), callable(ui_components.InputAccordion),
+               isinstance(paths_internal.models_path, str)]
+              + [callable(getattr(shared.interrogator, n, None))
+                 for n in ("load", "generate_caption", "send_blip_to_ram")]
+              + [callable(getattr(deepbooru.model, n, None)) for n in ("start", "tag_multi", "stop")],
     "networks": [callable(getattr(networks, n, None)) for n in
                  ("convert_diffusers_name_to_compvis", "assign_network_names_to_compvis_modules",
                   "list_available_networks")] + [isinstance(networks.loaded_networks, list)],
