@@ -96,10 +96,7 @@ def scan_folder(config: DataConfig) -> ScanResult:
         for folder, repeats, folder_caption in folders:
             for path in sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")):
                 if path.suffix.lower() in IMAGE_EXTENSIONS:
-                    _load_sample(path, config, spec, buckets, (repeats, folder_caption), result)
-                    if is_reg and result.samples and result.samples[-1].path == path:
-                        result.samples[-1].is_reg = True
-                        result.samples[-1].loss_weight = config.prior_loss_weight
+                    _load_sample(path, config, spec, buckets, (repeats, folder_caption, is_reg), result)
     return result
 
 
@@ -108,7 +105,7 @@ def _load_sample(
     config: DataConfig,
     spec: BucketSpec,
     buckets: list[tuple[int, int]],
-    folder: tuple[int, str | None],
+    folder: tuple[int, str | None, bool],  # repeats, class tokens, regularisation folder
     result: ScanResult,
 ) -> None:
     try:
@@ -127,7 +124,9 @@ def _load_sample(
     if image.size[0] < size[0] or image.size[1] < size[1]:
         result.small.append((path, image.size))
     mask = mask_tensor(alpha, *size) if alpha is not None else None
-    result.samples.append(Sample(path, caption, pixels, folder[0], folder[1], mask))
+    repeats, folder_caption, is_reg = folder
+    weight = config.prior_loss_weight if is_reg else 1.0
+    result.samples.append(Sample(path, caption, pixels, repeats, folder_caption, mask, weight, is_reg))
 
 
 def load_training_set(config: DataConfig) -> tuple[list[Sample], list[str]]:

@@ -37,6 +37,7 @@ from lib_trainer.formats.lora import network_metadata, read_network, save_networ
 from lib_trainer.loop.checkpoint import ResumeState, load_sidecar, save_sidecar, tensors_checksum
 from lib_trainer.loop.hooks import TrainingHooks
 from lib_trainer.loop.precision import resolve_precision
+from lib_trainer.loop.schedules import parse_learning_rate
 from lib_trainer.loop.train import Objective, TrainResult
 from lib_trainer.methods.common import train_on_dataset
 from lib_trainer.models.kohya_names import UNET_PREFIX, unet_key_table
@@ -269,7 +270,7 @@ class NetworkTrainable:
         if net.unet_loras:
             groups.append({"params": [p for lora in net.unet_loras for p in lora.parameters()], "lr_scale": 1.0})
         if net.text_encoder_loras:
-            base = float(self.config.train.learning_rate.split(",")[0].split(":")[0])
+            base = parse_learning_rate(self.config.train.learning_rate)[0][0]
             scale = cfg.text_encoder_lr / base if cfg.text_encoder_lr else 1.0
             groups.append(
                 {
