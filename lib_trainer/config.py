@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import re
 import types
 import typing
-from typing import Any, Literal, TypeVar, get_args, get_origin
+from typing import Any, ClassVar, Literal, TypeVar, get_args, get_origin
 
 from lib_trainer.errors import ConfigError
 
 CONFIG_VERSION = 1
 T = TypeVar("T")
+PathKind = Literal["dir", "file", "out_dir", "template"]
 
 # version N -> function upgrading a version-N dict to version N+1 (none yet: version 1 is the first)
 MIGRATIONS: dict[int, typing.Callable[[dict[str, Any]], dict[str, Any]]] = {}
@@ -24,17 +27,19 @@ MIGRATIONS: dict[int, typing.Callable[[dict[str, Any]], dict[str, Any]]] = {}
 
 def build(cls: type[T], data: dict[str, Any] | None, path: str = "") -> T:
     """Build the dataclass ``cls`` from ``data``; reject unknown keys and values of the wrong type."""
+    if data is not None and not isinstance(data, dict):
+        raise ConfigError(
+            f"{path or cls.__name__} must be an object (a dict), but is {type(data).__name__}", field=path or None
+        )
     data = dict(data or {})
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path or cls.__name__} must be an object (a dict), got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-    unknown = sorted(set(data) - set(fields))
+    unknown = sorted(set(data) - set(fields), key=str)
     if unknown:
         raise ConfigError(
-            f"unknown setting(s) {', '.join(_join(path, k) for k in unknown)}; "
+            f"unknown setting(s) {', '.join(_join(path, str(k)) for k in unknown)}; "
             f"valid settings here are: {', '.join(sorted(fields))}",
-            field=_join(path, unknown[0]),
+            field=_join(path, str(unknown[0])),
         )
     kwargs = {name: _coerce(hints[name], value, _join(path, name)) for name, value in data.items()}
     missing = [n for n, f in fields.items() if n not in kwargs and _has_no_default(f)]
@@ -47,12 +52,15 @@ def build(cls: type[T], data: dict[str, Any] | None, path: str = "") -> T:
 
 def build_versioned(cls: type[T], data: dict[str, Any]) -> T:
     """Upgrade ``data`` to the current config version, then ``build`` it."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"config must be an object (a dict), but is {type(data).__name__}", field="config")
     data = dict(data)
     version = data.get("version", CONFIG_VERSION)
-    if not isinstance(version, int) or version < 1 or version > CONFIG_VERSION:
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1 or version > CONFIG_VERSION:
         raise ConfigError(
             f"config version {version!r} is not supported; this trainer reads versions 1..{CONFIG_VERSION} "
-            "(update the extension to read newer configs)"
+            "(update the extension to read newer configs)",
+            field="version",
         )
     while version < CONFIG_VERSION:
         data = MIGRATIONS[version](data)
@@ -71,15 +79,70 @@ def to_json(config: Any) -> str:
     return json.dumps(to_dict(config), sort_keys=True)
 
 
+def setting(
+    default: Any,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    hint: str = "",
+    path: PathKind | None = None,
+    free_text: bool = False,
+) -> Any:
+    """A config field with its rules declared where it is defined.
+
+    ``low``/``high`` bound numbers (checked by ``check_settings``, and used by the bad-input tests); ``path``
+    marks a file-system path the host may confine ("dir", "file", "out_dir", or "template": a built-in name or
+    a file); ``free_text`` marks text where any string is valid (a prompt, a trigger word).
+    """
+    meta = {"low": low, "high": high, "hint": hint, "path": path, "free_text": free_text}
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def check_settings(config: Any, section: str) -> None:
+    """Check every field's declared bounds (``setting(low=, high=)``); errors name ``<section>.<field>``."""
+    for f in dataclasses.fields(config):
+        low, high = f.metadata.get("low"), f.metadata.get("high")
+        if low is None and high is None:
+            continue
+        value = getattr(config, f.name)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            check_range(_join(section, f.name), value, low, high, f.metadata.get("hint", ""))
+
+
+def path_settings(config: Any, prefix: str = "") -> list[tuple[str, str, str]]:
+    """``(field path, kind, value)`` for every non-empty path setting of a config, nested configs included."""
+    found = []
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if dataclasses.is_dataclass(value):
+            found += path_settings(value, _join(prefix, f.name))
+        elif f.metadata.get("path") and isinstance(value, str) and value.strip():
+            found.append((_join(prefix, f.name), f.metadata["path"], value))
+    return found
+
+
 def check_range(field: str, value: float, low: float | None, high: float | None, hint: str = "") -> None:
-    """Raise a ConfigError naming ``field`` when ``value`` is outside [low, high]."""
-    if (low is not None and value < low) or (high is not None and value > high):
+    """Raise a ConfigError naming ``field`` when ``value`` is outside [low, high] (or not a finite number)."""
+    if (
+        (isinstance(value, float) and not math.isfinite(value))
+        or (low is not None and value < low)
+        or (high is not None and value > high)
+    ):
         bounds = (
             f"between {low} and {high}"
             if low is not None and high is not None
             else (f"at least {low}" if low is not None else f"at most {high}")
         )
         raise ConfigError(f"{field} must be {bounds}, but is {value!r}" + (f"; {hint}" if hint else ""), field=field)
+
+
+def check_multiple(field: str, value: int, step: int) -> None:
+    """Raise a ConfigError naming ``field`` when ``value`` is not a multiple of ``step``."""
+    if value % step:
+        raise ConfigError(
+            f"{field} must be a multiple of {step}, but is {value}; try {max(step, round(value / step) * step)}",
+            field=field,
+        )
 
 
 def check_choice(field: str, value: str, choices: typing.Iterable[str]) -> None:
@@ -104,10 +167,15 @@ def _coerce(hint: Any, value: Any, path: str) -> Any:
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        return _coerce(inner[0], value, path)
+        for arm in inner[:-1]:  # the first arm the value fits (e.g. a learning rate: text or a number)
+            try:
+                return _coerce(arm, value, path)
+            except ConfigError:
+                continue
+        return _coerce(inner[-1], value, path)
     if origin is Literal:
         choices = get_args(hint)
-        if value not in choices:
+        if isinstance(value, (list, dict)) or value not in choices:
             raise ConfigError(f"{path} must be one of {', '.join(map(repr, choices))}, but is {value!r}", field=path)
         return value
     if dataclasses.is_dataclass(hint):
@@ -129,66 +197,62 @@ def _coerce_scalar(hint: Any, value: Any, path: str) -> Any:
         if isinstance(value, float) and value.is_integer():
             return int(value)
     elif hint is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
             return float(value)
     elif hint is str:
         if isinstance(value, str):
+            if "\x00" in value:
+                raise ConfigError(f"{path} contains a NUL character; remove it", field=path)
             return value
     else:
         return value
-    raise ConfigError(f"{path} must be of type {hint.__name__}, but is {value!r} ({type(value).__name__})", field=path)
+    name = {bool: "a boolean (true/false)", int: "a whole number", float: "a finite number", str: "text"}[hint]
+    raise ConfigError(f"{path} must be {name}, but is {value!r} ({type(value).__name__})", field=path)
 
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
     """Where the images are and how prompts are made from them."""
 
-    data_dir: str = ""
-    template: str = "subject_filewords"  # a built-in template name or the path of a .txt template
-    width: int = 512
-    height: int = 512
+    SECTION: ClassVar[str] = "data"
+
+    data_dir: str = setting("", path="dir")
+    template: str = setting("subject_filewords", path="template")  # a built-in template name or a .txt path
+    width: int = setting(512, low=64, high=4096)
+    height: int = setting(512, low=64, high=4096)
     caption_extension: str = ".txt"
     missing_caption: Literal["error", "filename", "empty"] = "error"
     shuffle_tags: bool = False
-    keep_tags: int = 0
-    tag_dropout: float = 0.0
+    keep_tags: int = setting(0, low=0, high=1000)
+    tag_dropout: float = setting(0.0, low=0.0, high=0.95)
     latent_sampling: Literal["once", "deterministic", "random"] = "once"
-    caption_dropout: float = 0.0  # probability that an image is trained with an empty caption
-    trigger_word: str = ""  # put in front of every caption (e.g. the LoRA's activation word)
+    caption_dropout: float = setting(0.0, low=0.0, high=1.0)  # probability that an image trains with no caption
+    trigger_word: str = setting("", free_text=True)  # put in front of every caption (e.g. the LoRA's activation word)
     flip: bool = False  # also train on horizontally mirrored images (latents cached for both)
     buckets: bool = False  # aspect-ratio buckets of about width x height pixels instead of one fixed size
-    bucket_min_side: int = 256
-    bucket_max_side: int = 1024
-    bucket_step: int = 64
+    bucket_min_side: int = setting(256, low=64, high=4096)
+    bucket_max_side: int = setting(1024, low=64, high=4096)
+    bucket_step: int = setting(64, low=64, high=1024)
     bucket_no_upscale: bool = False
     alpha_mask: bool = False  # images with transparency: transparent pixels do not count in the loss
-    reg_dir: str = ""  # regularisation (class) images, captioned or in kohya N_class folders
-    prior_loss_weight: float = 1.0  # loss weight of the regularisation images
+    reg_dir: str = setting("", path="dir")  # regularisation (class) images, captioned or in kohya N_class folders
+    prior_loss_weight: float = setting(1.0, low=0.0, high=100.0)  # loss weight of the regularisation images
     latent_cache: Literal["memory", "disk"] = "memory"  # disk: reuse latents across runs (keyed by file + model)
 
     def __post_init__(self) -> None:
+        check_settings(self, self.SECTION)
         if not self.data_dir.strip():
             raise ConfigError(
                 "data.data_dir is empty; give the folder that holds the training images", field="data.data_dir"
             )
-        for name in ("width", "height"):
-            value = getattr(self, name)
-            check_range(f"data.{name}", value, 64, 4096)
-            if value % 64:
-                raise ConfigError(
-                    f"data.{name} must be a multiple of 64, but is {value}; try {round(value / 64) * 64}",
-                    field=f"data.{name}",
-                )
-        if not self.caption_extension.startswith(".") or len(self.caption_extension) < 2:
+        for name in ("width", "height", "bucket_step"):
+            check_multiple(f"data.{name}", getattr(self, name), 64)
+        if not re.fullmatch(r"\.[A-Za-z0-9_-]{1,16}", self.caption_extension):
             raise ConfigError(
-                f"data.caption_extension must start with a dot, like '.txt', but is {self.caption_extension!r}",
+                f"data.caption_extension must be a dot and up to 16 letters or digits, like '.txt' or '.caption', "
+                f"but is {self.caption_extension!r}",
                 field="data.caption_extension",
             )
-        check_range("data.keep_tags", self.keep_tags, 0, None)
-        check_range("data.tag_dropout", self.tag_dropout, 0.0, 0.95)
-        check_range("data.caption_dropout", self.caption_dropout, 0.0, 1.0)
-        check_range("data.prior_loss_weight", self.prior_loss_weight, 0.0, 100.0)
-        check_range("data.bucket_min_side", self.bucket_min_side, 64, 4096)
         check_range(
             "data.bucket_max_side",
             self.bucket_max_side,
@@ -196,17 +260,12 @@ class DataConfig:
             4096,
             "it must be at least data.bucket_min_side",
         )
-        first = -(-self.bucket_min_side // max(self.bucket_step, 1)) * max(self.bucket_step, 1)
+        first = -(-self.bucket_min_side // self.bucket_step) * self.bucket_step
         if self.buckets and (first**2 > self.width * self.height or first > self.bucket_max_side):
             raise ConfigError(
                 f"data.bucket_min_side {self.bucket_min_side} leaves no bucket within {self.width}x{self.height} "
                 f"pixels; lower it to at most {int((self.width * self.height) ** 0.5) // 64 * 64}",
                 field="data.bucket_min_side",
-            )
-        if self.bucket_step % 64 or self.bucket_step <= 0:
-            raise ConfigError(
-                f"data.bucket_step must be a positive multiple of 64, but is {self.bucket_step}",
-                field="data.bucket_step",
             )
 
 
@@ -214,36 +273,31 @@ class DataConfig:
 class TrainConfig:
     """The training loop: steps, batches, learning rate, precision, saving and previews."""
 
-    steps: int = 1000
-    batch_size: int = 1
-    gradient_accumulation: int = 1
-    learning_rate: str = "0.005"  # a number, or the WebUI's schedule syntax "0.005:100, 1e-3:1000, 1e-5"
+    SECTION: ClassVar[str] = "train"
+
+    steps: int = setting(1000, low=1, high=10_000_000)
+    batch_size: int = setting(1, low=1, high=1024)
+    gradient_accumulation: int = setting(1, low=1, high=1024)
+    # a number, or the WebUI's schedule syntax "0.005:100, 1e-3:1000, 1e-5" (numbers are stored as text)
+    learning_rate: str | float = "0.005"
     lr_schedule: Literal["constant", "linear", "cosine"] = "constant"
-    lr_warmup_steps: int = 0
+    lr_warmup_steps: int = setting(0, low=0, high=10_000_000)
     optimizer: Literal["adamw"] = "adamw"
-    weight_decay: float = 0.0
+    weight_decay: float = setting(0.0, low=0.0, high=10.0)
     clip_grad: Literal["off", "norm", "value"] = "off"
-    clip_grad_value: float = 1.0
+    clip_grad_value: float = setting(1.0, low=1e-12, high=1e6)
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"
-    seed: int = 0
-    clip_skip: int = 1
-    save_every: int = 500  # 0 = only at the end
-    preview_every: int = 500  # 0 = never
-    noise_offset: float = 0.0  # Guttenberg's offset noise: adds offset * N(0, 1) per channel
-    min_snr_gamma: float = 0.0  # Min-SNR-gamma loss weighting (Hang et al. 2023); 0 = off
+    seed: int = setting(0, low=0, high=2**32 - 1)
+    clip_skip: int = setting(0, low=0, high=12, hint="0 uses the WebUI's Clip skip setting")  # 0 = the host's
+    save_every: int = setting(500, low=0, high=10_000_000)  # 0 = only at the end
+    preview_every: int = setting(500, low=0, high=10_000_000)  # 0 = never
+    noise_offset: float = setting(0.0, low=0.0, high=1.0)  # Guttenberg's offset noise: offset * N(0, 1) per channel
+    min_snr_gamma: float = setting(0.0, low=0.0, high=100.0)  # Min-SNR-gamma weighting (Hang et al. 2023); 0 = off
 
     def __post_init__(self) -> None:
-        check_range("train.steps", self.steps, 1, 10_000_000)
-        check_range("train.batch_size", self.batch_size, 1, 1024)
-        check_range("train.gradient_accumulation", self.gradient_accumulation, 1, 1024)
-        check_range("train.lr_warmup_steps", self.lr_warmup_steps, 0, None)
-        check_range("train.weight_decay", self.weight_decay, 0.0, 10.0)
-        check_range("train.clip_grad_value", self.clip_grad_value, 1e-12, None)
-        check_range("train.clip_skip", self.clip_skip, 1, 12)
-        check_range("train.save_every", self.save_every, 0, None)
-        check_range("train.preview_every", self.preview_every, 0, None)
-        check_range("train.noise_offset", self.noise_offset, 0.0, 1.0)
-        check_range("train.min_snr_gamma", self.min_snr_gamma, 0.0, 100.0)
+        if not isinstance(self.learning_rate, str):  # a plain number: kept as text like the schedule syntax
+            object.__setattr__(self, "learning_rate", repr(float(self.learning_rate)))
+        check_settings(self, self.SECTION)
         from lib_trainer.loop.schedules import parse_learning_rate
 
         segments = parse_learning_rate(self.learning_rate)
@@ -253,6 +307,35 @@ class TrainConfig:
                 f"at every step; set train.lr_schedule to 'constant' (it is {self.lr_schedule!r}) or give one number",
                 field="train.lr_schedule",
             )
+
+
+@dataclasses.dataclass(frozen=True)
+class PreviewConfig:
+    """Preview images during training, rendered by the host's txt2img (``[name]`` stands for what is trained)."""
+
+    SECTION: ClassVar[str] = "preview"
+
+    enabled: bool = True
+    prompt: str = setting("a photo of [name]", free_text=True)
+    negative_prompt: str = setting("", free_text=True)
+    steps: int = setting(20, low=1, high=150)
+    sampler: str = "Euler a"  # checked against the host's sampler list when a job is submitted
+    cfg_scale: float = setting(7.0, low=1.0, high=30.0)
+    seed: int = setting(-1, low=-1, high=2**32 - 1, hint="-1 = a random seed for every preview")
+    width: int = setting(512, low=64, high=2048)
+    height: int = setting(512, low=64, high=2048)
+
+    def __post_init__(self) -> None:
+        check_settings(self, self.SECTION)
+        for name in ("width", "height"):
+            check_multiple(f"preview.{name}", getattr(self, name), 8)
+        if not self.sampler.strip():
+            raise ConfigError("preview.sampler is empty; pick a sampler such as 'Euler a'", field="preview.sampler")
+
+    @classmethod
+    def from_dict(cls, data: dict | None) -> PreviewConfig:
+        """Build from the job's ``preview`` object (an empty or missing one gives the defaults)."""
+        return build(cls, data, "preview")
 
 
 _JSON_TYPES = {bool: "boolean", int: "integer", float: "number", str: "string"}
@@ -285,7 +368,8 @@ def _schema_of(hint: Any) -> dict[str, Any]:
     origin = get_origin(hint)
     if origin in (typing.Union, types.UnionType):
         inner = [a for a in get_args(hint) if a is not type(None)]
-        return {**_schema_of(inner[0]), "nullable": True}
+        schema = _schema_of(inner[0]) if len(inner) == 1 else {"anyOf": [_schema_of(a) for a in inner]}
+        return {**schema, "nullable": True} if type(None) in get_args(hint) else schema
     if origin is Literal:
         return {"type": "string", "enum": list(get_args(hint))}
     if dataclasses.is_dataclass(hint):

@@ -30,3 +30,7 @@ class FormatError(TrainerError):
 
 class TrainingError(TrainerError):
     """Training could not go on (for example the loss became NaN)."""
+
+
+class AccessError(TrainerError):
+    """A path lies outside the folders the host allows the trainer to use (HTTP 403)."""

@@ -25,9 +25,9 @@ def test_round_trip_through_a_dict():
     [
         ({"colour": 1}, "unknown setting.*colour.*valid settings"),
         ({"train": {"stepz": 3}}, r"train\.stepz"),
-        ({"train": {"steps": "ten"}}, r"train\.steps must be of type int"),
+        ({"train": {"steps": "ten"}}, r"train\.steps must be a whole number"),
         ({"train": {"steps": 0}}, r"train\.steps must be between 1"),
-        ({"train": {"batch_size": True}}, "batch_size must be of type int"),
+        ({"train": {"batch_size": True}}, "batch_size must be a whole number"),
         ({"train": {"mixed_precision": "fp8"}}, "mixed_precision must be one of"),
         ({"data": {"data_dir": "/x", "width": 500}}, "multiple of 64.*try 512"),
         ({"data": {"data_dir": ""}}, "data_dir is empty"),

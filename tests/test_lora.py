@@ -257,7 +257,7 @@ def test_epochs_set_the_step_count(sd1_model, image_dir, tmp_path):
     ("network", "message"),
     [
         ({"rank": 0}, r"network\.rank must be between 1"),
-        ({"alpha": -1.0}, r"network\.alpha must be at least 0"),
+        ({"alpha": -1.0}, r"network\.alpha must be between 0"),
         ({"algo": "dora"}, r"network\.algo must be one of"),
         ({"algo": "lora", "conv_rank": 4}, "needs algo 'locon'"),
         ({"train_unet": False}, "nothing would train"),

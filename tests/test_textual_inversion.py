@@ -252,10 +252,9 @@ def _nothing_written(paths: OutputPaths) -> bool:
 @pytest.mark.parametrize(
     ("case", "error", "message"),
     [
-        ("empty folder", DatasetError, "no images found"),
-        ("only non-images", DatasetError, "no images found"),
-        ("text file named .png", DatasetError, "cannot be read as an image"),
-        ("truncated jpeg", DatasetError, "cannot be read as an image"),
+        ("empty folder", DatasetError, "holds no images"),
+        ("only non-images", DatasetError, "holds no images"),
+        ("only a text file named .png", DatasetError, "none of its 1 image file"),
         ("missing captions", DatasetError, "no caption file"),
         ("missing folder", DatasetError, "not an existing folder"),
     ],
@@ -268,16 +267,8 @@ def test_bad_data_is_a_clear_error_and_nothing_is_written(sd1_model, tmp_path, c
     data.mkdir()
     if case == "only non-images":
         (data / "notes.md").write_text("hello")
-    elif case == "text file named .png":
-        write_images(data, 2)
+    elif case == "only a text file named .png":
         (data / "fake.png").write_text("not an image")
-    elif case == "truncated jpeg":
-        write_images(data, 2)
-        from PIL import Image
-
-        Image.new("RGB", (64, 64), "red").save(data / "t.jpg", quality=95)
-        raw = (data / "t.jpg").read_bytes()
-        (data / "t.jpg").write_bytes(raw[: len(raw) // 2])
     elif case == "missing captions":
         write_images(data, 2, captions=False)
     elif case == "missing folder":
@@ -286,6 +277,36 @@ def test_bad_data_is_a_clear_error_and_nothing_is_written(sd1_model, tmp_path, c
     with pytest.raises(error, match=message):
         train_embedding(ti_config(data), parts_from_ldm(sd1_model), paths)
     assert _nothing_written(paths)
+
+
+class Warnings(TrainingHooks):
+    def __init__(self):
+        self.messages = []
+
+    def on_warning(self, message):
+        self.messages.append(message)
+
+
+def test_unreadable_files_among_good_ones_are_skipped_with_a_warning(sd1_model, tmp_path):
+    from PIL import Image
+
+    from lib_trainer.models.ldm import parts_from_ldm
+    from tests.conftest import write_images
+
+    data = write_images(tmp_path / "data", 2)
+    (data / "fake.png").write_text("not an image")
+    Image.new("RGB", (64, 64), "red").save(data / "t.jpg", quality=95)
+    raw = (data / "t.jpg").read_bytes()
+    (data / "t.jpg").write_bytes(raw[: len(raw) // 2])
+    (data / "t.txt").write_text("red")
+    hooks = Warnings()
+    paths = OutputPaths(tmp_path / "embeddings", tmp_path / "logs")
+    result = train_embedding(ti_config(data, steps=2), parts_from_ldm(sd1_model), paths, hooks)
+    assert result.step == 2
+    (message,) = hooks.messages
+    assert "2 file(s)" in message
+    assert "fake.png: cannot be read as an image" in message
+    assert "t.jpg: cannot be read as an image" in message
 
 
 @pytest.mark.parametrize(

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import math
 import random
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -84,20 +86,77 @@ def bucket_spec(config: DataConfig) -> BucketSpec:
     )
 
 
+def _sources(config: DataConfig) -> list[tuple[list[tuple[Path, int, str | None]], bool]]:
+    sources = [(image_folders(config), False)]
+    if config.reg_dir.strip():
+        sources.append((image_folders(config, config.reg_dir), True))
+    return sources
+
+
+def folder_entries(folder: Path, problems: list[tuple[Path, str]]) -> list[Path]:
+    """The visible image files of ``folder``, sorted; broken links and link loops go to ``problems``."""
+    images = []
+    for path in sorted(p for p in folder.iterdir() if not p.name.startswith(".")):
+        broken = broken_link(path)
+        if broken:
+            problems.append((path, broken))
+        elif path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS:
+            images.append(path)
+    return images
+
+
+def broken_link(path: Path) -> str:
+    """Why a symbolic link cannot be followed ("" for anything else)."""
+    if not path.is_symlink():
+        return ""
+    try:
+        path.stat()
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return "is a symbolic link loop (it leads back to itself); remove or fix the link"
+        return f"is a broken symbolic link to {str(path.readlink())!r}, which does not exist; remove or fix the link"
+    return ""
+
+
 def scan_folder(config: DataConfig) -> ScanResult:
     """Load every image of the data folder and its ``N_name`` subfolders with captions; record what fails."""
     spec = bucket_spec(config)
     buckets = make_buckets(spec) if config.buckets else [(config.width, config.height)]
     result = ScanResult()
-    sources = [(image_folders(config), False)]
-    if config.reg_dir.strip():
-        sources.append((image_folders(config, config.reg_dir), True))
-    for folders, is_reg in sources:
+    for folders, is_reg in _sources(config):
         for folder, repeats, folder_caption in folders:
-            for path in sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")):
-                if path.suffix.lower() in IMAGE_EXTENSIONS:
-                    _load_sample(path, config, spec, buckets, (repeats, folder_caption, is_reg), result)
+            for path in folder_entries(folder, result.problems):
+                _load_sample(path, config, spec, buckets, (repeats, folder_caption, is_reg), result)
     return result
+
+
+def check_image_folders(config: DataConfig) -> None:
+    """Before a run is queued: the data (and regularisation) folder exists and holds at least one readable image.
+
+    Only file headers are read; problems with single files are left for the dataset report and the run's warnings.
+    """
+    for folders, is_reg in _sources(config):
+        field, root = ("data.reg_dir", config.reg_dir) if is_reg else ("data.data_dir", config.data_dir)
+        images = [path for folder, _, _ in folders for path in folder_entries(folder, [])]
+        if not images:
+            raise DatasetError(
+                f"{field} {root!r} holds no images; put .jpg, .jpeg, .png, .webp or .bmp files in it (or in kohya "
+                "'N_name' subfolders)",
+                field=field,
+            )
+        reasons = []
+        for path in images:
+            try:
+                with Image.open(path):
+                    break
+            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+                reasons.append(f"{path.name}: {exc}")
+        else:
+            raise DatasetError(
+                f"{field} {root!r}: none of its {len(images)} image file(s) can be read as an image "
+                f"({'; '.join(reasons[:3])}); replace them with real images",
+                field=field,
+            )
 
 
 def _load_sample(
@@ -129,19 +188,24 @@ def _load_sample(
     result.samples.append(Sample(path, caption, pixels, repeats, folder_caption, mask, weight, is_reg))
 
 
-def load_training_set(config: DataConfig) -> tuple[list[Sample], list[str]]:
-    """Scan and validate the folder and template for training; raise DatasetError listing every problem."""
+def load_training_set(config: DataConfig, warn: Callable[[str], None] | None = None) -> tuple[list[Sample], list[str]]:
+    """Scan the folder and read the template for training.
+
+    Files that cannot be used are skipped and reported through ``warn`` (one message listing them); no usable
+    image at all, or missing captions the template needs, raise DatasetError.
+    """
     template = load_template(config.template)
     scan = scan_folder(config)
-    if scan.problems:
+    if scan.problems and warn is not None:
         listed = "; ".join(f"{p.name}: {reason}" for p, reason in scan.problems[:10])
         more = f" (and {len(scan.problems) - 10} more)" if len(scan.problems) > 10 else ""
-        raise DatasetError(
-            f"{len(scan.problems)} file(s) in {config.data_dir!r} cannot be used: {listed}{more}; fix or remove them"
-        )
+        warn(f"{len(scan.problems)} file(s) in {config.data_dir!r} were skipped: {listed}{more}")
     if not scan.samples:
+        found = f"; skipped: {scan.problems[0][0].name}: {scan.problems[0][1]}" if scan.problems else ""
         raise DatasetError(
-            f"no images found in {config.data_dir!r}; put .jpg, .jpeg, .png, .webp or .bmp files in that folder"
+            f"no usable images found in {config.data_dir!r}{found}; put .jpg, .jpeg, .png, .webp or .bmp files "
+            "in that folder",
+            field="data.data_dir",
         )
     missing = [s.path.name for s in scan.samples if s.caption is None and s.folder_caption is None and not s.is_reg]
     if missing and uses_filewords(template) and config.missing_caption == "error":
@@ -149,7 +213,8 @@ def load_training_set(config: DataConfig) -> tuple[list[Sample], list[str]]:
         raise DatasetError(
             f"{len(missing)} image(s) have no caption file ({config.caption_extension}) but template "
             f"{config.template!r} uses [filewords]: {listed}; add the caption files, set data.missing_caption "
-            "to 'filename' or 'empty', or choose a template without [filewords]"
+            "to 'filename' or 'empty', or choose a template without [filewords]",
+            field="data.missing_caption",
         )
     return scan.samples, template
 

@@ -9,11 +9,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 from PIL import Image
 
-from lib_trainer.config import check_range
+from lib_trainer.config import check_multiple, check_settings, setting
 from lib_trainer.data.buckets import BucketSpec, assign_bucket, make_buckets
 from lib_trainer.data.captions import read_caption
 from lib_trainer.data.crop import FocalWeights, focal_crop
@@ -23,25 +23,28 @@ from lib_trainer.formats.files import write_atomic, write_bytes_atomic
 
 CaptionPolicy = Literal["keep", "replace", "prepend", "append"]
 Captioner = Callable[[Image.Image], str]
+CAPTION_EXTENSIONS = (".txt", ".caption", ".tags", ".cap", ".text")
 
 
 @dataclass(frozen=True)
 class PreprocessConfig:
     """A folder-to-folder preparation run."""
 
-    input_dir: str = ""
-    output_dir: str = ""
+    SECTION: ClassVar[str] = ""
+
+    input_dir: str = setting("", path="dir")
+    output_dir: str = setting("", path="out_dir")
     crop: bool = True
-    width: int = 512
-    height: int = 512
+    width: int = setting(512, low=64, high=4096)
+    height: int = setting(512, low=64, high=4096)
     buckets: bool = False  # crop each image to its nearest bucket of about width x height instead
-    face_weight: float = 0.9
-    entropy_weight: float = 0.15
-    edges_weight: float = 0.5
+    face_weight: float = setting(0.9, low=0.0, high=10.0)
+    entropy_weight: float = setting(0.15, low=0.0, high=10.0)
+    edges_weight: float = setting(0.5, low=0.0, high=10.0)
     debug_images: bool = False
     caption_blip: bool = False
     caption_deepbooru: bool = False
-    trigger_word: str = ""
+    trigger_word: str = setting("", free_text=True)
     existing_caption: CaptionPolicy = "keep"
     caption_extension: str = ".txt"
 
@@ -60,12 +63,29 @@ class PreprocessConfig:
             raise ConfigError(
                 "output_dir must differ from input_dir (input files are never overwritten)", field="output_dir"
             )
+        check_settings(self, self.SECTION)
         for name in ("width", "height"):
-            check_range(name, getattr(self, name), 64, 4096)
-            if getattr(self, name) % 64:
-                raise ConfigError(f"{name} must be a multiple of 64, but is {getattr(self, name)}", field=name)
-        for name in ("face_weight", "entropy_weight", "edges_weight"):
-            check_range(name, getattr(self, name), 0.0, 10.0)
+            check_multiple(name, getattr(self, name), 64)
+        if self.caption_extension.lower() not in CAPTION_EXTENSIONS:  # written files: never a script extension
+            raise ConfigError(
+                f"caption_extension {self.caption_extension!r} is not a caption extension; use one of "
+                f"{', '.join(CAPTION_EXTENSIONS)}",
+                field="caption_extension",
+            )
+
+
+def check_input_folder(config: PreprocessConfig) -> None:
+    """Before a preparation run is queued: the input folder holds images and the output is not a file."""
+    source = Path(config.input_dir).expanduser()
+    if not source.is_dir():
+        raise DatasetError(f"input_dir {str(source)!r} is not an existing folder", field="input_dir")
+    if not any(p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS for p in source.iterdir()):
+        raise DatasetError(
+            f"input_dir {str(source)!r} holds no .jpg, .jpeg, .png, .webp or .bmp files", field="input_dir"
+        )
+    out = Path(config.output_dir).expanduser()
+    if out.exists() and not out.is_dir():
+        raise DatasetError(f"output_dir {str(out)!r} is a file, not a folder", field="output_dir")
 
 
 def merge_caption(existing: str | None, new: str, policy: CaptionPolicy, trigger: str = "") -> str:

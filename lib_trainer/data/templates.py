@@ -28,10 +28,15 @@ def load_template(template: str) -> list[str]:
     try:
         lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
     except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"template file {str(path)!r} cannot be read as UTF-8 text: {exc}") from exc
+        raise ConfigError(
+            f"template file {str(path)!r} cannot be read as UTF-8 text: {exc}", field="data.template"
+        ) from exc
     lines = [line for line in lines if line]
     if not lines:
-        raise ConfigError(f"template {template!r} has no lines; write one prompt per line using [name]/[filewords]")
+        raise ConfigError(
+            f"template {template!r} has no lines; write one prompt per line using [name]/[filewords]",
+            field="data.template",
+        )
     return lines
 
 

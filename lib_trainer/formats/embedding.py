@@ -18,7 +18,7 @@ import safetensors.torch
 import torch
 
 from lib_trainer.errors import FormatError
-from lib_trainer.formats.files import write_bytes_atomic
+from lib_trainer.formats.files import finite_for_saving, load_torch_weights, write_bytes_atomic
 
 TENSOR_KEY = "emb_params"
 EMBEDDING_EXTENSIONS = (".safetensors", ".pt", ".bin")
@@ -71,22 +71,24 @@ def save_embedding(path: Path, vectors: torch.Tensor, metadata: dict[str, str]) 
     """Write ``vectors`` ``[n, dim]`` as a WebUI-loadable ``.safetensors`` embedding, atomically."""
     if path.suffix != ".safetensors":
         raise FormatError(f"embeddings are written as .safetensors, not {path.suffix!r} ({path})")
-    tensor = vectors.detach().to(device="cpu", dtype=torch.float32).contiguous()
-    data = safetensors.torch.save({TENSOR_KEY: tensor}, metadata={k: str(v) for k, v in metadata.items()})
+    tensors = finite_for_saving(
+        {TENSOR_KEY: vectors}, torch.float32, f"embedding {path.stem}", "Lower train.learning_rate and train again"
+    )
+    data = safetensors.torch.save(tensors, metadata={k: str(v) for k, v in metadata.items()})
     return write_bytes_atomic(path, data)
 
 
-def read_embedding(path: Path) -> EmbeddingFile:
-    """Read a ``.safetensors`` / ``.pt`` / ``.bin`` embedding for resuming; FormatError when it is not one."""
+def read_embedding(path: Path, field: str | None = None) -> EmbeddingFile:
+    """Read a ``.safetensors`` / ``.pt`` / ``.bin`` embedding (for resuming); FormatError naming ``field`` if not."""
     path = Path(path)
     if path.suffix.lower() not in EMBEDDING_EXTENSIONS:
-        raise FormatError(f"{path.name}: embeddings are read from {', '.join(EMBEDDING_EXTENSIONS)} files")
-    try:
-        if path.suffix.lower() == ".safetensors":
+        raise FormatError(f"{path.name}: embeddings are read from {', '.join(EMBEDDING_EXTENSIONS)} files", field)
+    if path.suffix.lower() == ".safetensors":
+        try:
             return _read_safetensors(path)
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, ValueError, safetensors.SafetensorError) as exc:
-        raise FormatError(f"{path.name} cannot be read as an embedding: {exc}") from exc
+        except (OSError, RuntimeError, ValueError, safetensors.SafetensorError) as exc:
+            raise FormatError(f"{path.name} cannot be read as an embedding (damaged file?): {exc}", field) from exc
+    data = load_torch_weights(path, "an embedding", field)
     return _from_dict(
         path,
         data,

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from lib_trainer.errors import FormatError
-from lib_trainer.formats.files import write_atomic, write_bytes_atomic
+from lib_trainer.formats.files import finite_for_saving, load_torch_weights, write_atomic, write_bytes_atomic
 
 WEIGHT_INITS = ("Normal", "XavierUniform", "XavierNormal", "KaimingUniform", "KaimingNormal")
 
@@ -145,7 +145,6 @@ def hypernetwork_dict(
 
 def save_hypernetwork(path: Path, data: dict[Any, Any], metadata: dict[str, str]) -> list[Path]:
     """``<name>.pt`` in torch's legacy format (the WebUI's safe unpickler accepts it) + a ``.safetensors`` copy."""
-    written = [write_atomic(path, lambda tmp: torch.save(data, tmp, _use_new_zipfile_serialization=False))]
     tensors = {
         f"{size}.{'kv'[i]}.{key}": value
         for size, pair in data.items()
@@ -153,20 +152,24 @@ def save_hypernetwork(path: Path, data: dict[Any, Any], metadata: dict[str, str]
         for i, state in enumerate(pair)
         for key, value in state.items()
     }
+    tensors = finite_for_saving(
+        tensors, torch.float32, f"hypernetwork {path.stem}", "Lower train.learning_rate (1e-5 is a safe start)"
+    )
+    written = [write_atomic(path, lambda tmp: torch.save(data, tmp, _use_new_zipfile_serialization=False))]
     header = {k: json.dumps(v) for k, v in data.items() if not isinstance(k, int)}
     blob = safetensors.torch.save(tensors, metadata={**header, **metadata})
     written.append(write_bytes_atomic(path.with_suffix(".safetensors"), blob))
     return written
 
 
-def read_hypernetwork(path: Path) -> dict[Any, Any]:
-    """A WebUI hypernetwork ``.pt`` read with ``weights_only=True`` (for resuming)."""
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, ValueError, EOFError) as exc:
-        raise FormatError(f"{Path(path).name} cannot be read as a hypernetwork: {exc}") from exc
+def read_hypernetwork(path: Path, field: str | None = None) -> dict[Any, Any]:
+    """A WebUI hypernetwork ``.pt`` read with ``weights_only=True`` (for resuming); FormatError naming ``field``."""
+    data = load_torch_weights(path, "a hypernetwork", field)
     if not isinstance(data, dict) or not any(isinstance(k, int) for k in data):
-        raise FormatError(f"{Path(path).name} is not a hypernetwork (no per-size layer pairs)")
+        raise FormatError(f"{Path(path).name} is not a hypernetwork (no per-size layer pairs)", field)
+    for size, pair in ((k, v) for k, v in data.items() if isinstance(k, int)):
+        if not (isinstance(pair, (tuple, list)) and len(pair) == 2 and all(isinstance(sd, dict) for sd in pair)):
+            raise FormatError(f"{Path(path).name}: the {size} entry is not a (key, value) pair of layers", field)
     return data
 
 

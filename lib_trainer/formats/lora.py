@@ -13,7 +13,7 @@ import safetensors.torch
 import torch
 
 from lib_trainer.errors import FormatError
-from lib_trainer.formats.files import write_bytes_atomic
+from lib_trainer.formats.files import finite_for_saving, write_bytes_atomic
 
 BASE_VERSIONS = {("sd1", "eps"): "sd_v1", ("sd2", "eps"): "sd_v2", ("sd2", "v"): "sd_v2_v"}
 ARCHITECTURES = {
@@ -61,11 +61,12 @@ def network_metadata(
 
 def save_network(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str], precision: str) -> Path:
     """Write the file atomically with ``sshs_model_hash`` (sha256 of the bytes after the header)."""
-    dtype = DTYPES[precision]
-    tensors = {
-        k: (v.detach().to("cpu", dtype) if v.is_floating_point() else v.detach().cpu()).contiguous()
-        for k, v in tensors.items()
-    }
+    fix = (
+        "Set network.save_precision to 'bf16' or 'fp32' (or lower train.learning_rate)"
+        if precision == "fp16"
+        else "Lower train.learning_rate and train again"
+    )
+    tensors = finite_for_saving(tensors, DTYPES[precision], f"LoRA {path.stem}", fix, "network.save_precision")
     first = safetensors.torch.save(tensors, metadata=metadata)
     header = int.from_bytes(first[:8], "little")
     digest = hashlib.sha256(first[8 + header :]).hexdigest()
@@ -73,12 +74,12 @@ def save_network(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[st
     return write_bytes_atomic(path, safetensors.torch.save(tensors, metadata=meta))
 
 
-def read_network(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Tensors and metadata of a LoRA file (for resuming)."""
+def read_network(path: Path, field: str | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and metadata of a LoRA file (for resuming); FormatError naming ``field`` when it is not one."""
     try:
         with safetensors.safe_open(str(path), framework="pt", device="cpu") as fh:
             metadata = dict(fh.metadata() or {})
             tensors = {key: fh.get_tensor(key) for key in fh.keys()}  # noqa: SIM118
-    except (OSError, safetensors.SafetensorError) as exc:
-        raise FormatError(f"{Path(path).name} cannot be read as a LoRA .safetensors file: {exc}") from exc
+    except (OSError, RuntimeError, ValueError, safetensors.SafetensorError) as exc:
+        raise FormatError(f"{Path(path).name} cannot be read as a LoRA .safetensors file: {exc}", field) from exc
     return tensors, metadata

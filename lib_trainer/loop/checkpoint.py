@@ -4,14 +4,18 @@ Not ``<file>.optim``: the WebUI ``torch.load``s a hypernetwork's ``.optim`` when
 and a file of another format there would make the hypernetwork fail to load.
 
 Stored as safetensors bytes (tensors) with JSON metadata (everything else), so resuming never unpickles.
-The sidecar is only used when its checksum matches the trained tensors it was written with.
+The sidecar holds fp32 master copies of the trained tensors, so a run continues exactly even when the file
+itself is saved in a lower precision (a fp16 LoRA). It is used when its checksum matches the saved file's
+tensors, or, when a run was killed between writing the file and its sidecar, the numbered copy of the
+sidecar's own step (the run then goes back to that step).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +23,7 @@ import safetensors
 import safetensors.torch
 import torch
 
+from lib_trainer.errors import TrainerError
 from lib_trainer.formats.files import write_bytes_atomic
 
 SIDECAR_SUFFIX = ".trainer-state"
@@ -31,6 +36,8 @@ class ResumeState:
     optimizer: dict[str, Any]
     rng: dict[str, Any]
     step: int
+    params: list[torch.Tensor] = field(default_factory=list)  # fp32 master copies of the trained tensors
+    checksum: str = ""  # of the saved file's tensors this state belongs to (set when read back)
 
 
 def tensors_checksum(tensors: list[torch.Tensor]) -> str:
@@ -58,6 +65,8 @@ def save_sidecar(path: Path, state: ResumeState, checksum: str) -> Path:
             else:
                 plain[key] = value
         opt_state[str(index)] = plain
+    for index, param in enumerate(state.params):
+        tensors[f"params.{index}"] = param.detach().to("cpu", torch.float32).contiguous()
     rng_plain = {}
     for key, value in state.rng.items():
         if isinstance(value, torch.Tensor):
@@ -76,6 +85,36 @@ def save_sidecar(path: Path, state: ResumeState, checksum: str) -> Path:
 
 def load_sidecar(path: Path, checksum: str) -> ResumeState | None:
     """The sidecar of ``path`` if it exists, is readable and matches ``checksum``; else None."""
+    state = read_sidecar(path)
+    return state if state is not None and state.checksum == checksum else None
+
+
+def find_resume_state(
+    path: Path, checksum: str, numbered: Callable[[int], Path], checksum_of: Callable[[Path], str]
+) -> ResumeState | None:
+    """The state to continue the file ``path`` (whose tensors have ``checksum``) from, or None.
+
+    Its sidecar when they match; otherwise, if a kill came after the file was replaced but before its sidecar
+    was, the sidecar still describes the previous save: it is used when the numbered copy of its step
+    (``numbered(step)``) holds exactly the tensors it was written with.
+    """
+    state = read_sidecar(path)
+    if state is None:
+        return None
+    if state.checksum == checksum:
+        return state
+    copy = numbered(state.step)
+    if state.params and copy.is_file():
+        try:
+            if checksum_of(copy) == state.checksum:
+                return state
+        except TrainerError:  # an unreadable copy confirms nothing
+            return None
+    return None
+
+
+def read_sidecar(path: Path) -> ResumeState | None:
+    """The sidecar of ``path`` whatever file it belongs to (``checksum`` says which); None if absent or unreadable."""
     side = sidecar_path(path)
     if not side.is_file():
         return None
@@ -83,18 +122,22 @@ def load_sidecar(path: Path, checksum: str) -> ResumeState | None:
         with safetensors.safe_open(str(side), framework="pt", device="cpu") as fh:
             meta = dict(fh.metadata() or {})
             tensors = {key: fh.get_tensor(key) for key in fh.keys()}  # noqa: SIM118
-    except (OSError, safetensors.SafetensorError):
+        state: dict[int, dict[str, Any]] = {int(i): dict(v) for i, v in json.loads(meta["optimizer_plain"]).items()}
+        rng: dict[str, Any] = json.loads(meta["rng_plain"])
+        param_groups = json.loads(meta["param_groups"])
+        step = int(meta.get("step", 0))
+    except (OSError, ValueError, KeyError, safetensors.SafetensorError):
         return None
-    if meta.get("checksum") != checksum:
-        return None
-    state: dict[int, dict[str, Any]] = {int(i): dict(v) for i, v in json.loads(meta["optimizer_plain"]).items()}
-    rng: dict[str, Any] = json.loads(meta["rng_plain"])
+    params: dict[int, torch.Tensor] = {}
     for key, value in tensors.items():
         kind, rest = key.split(".", 1)
         if kind == "optimizer":
             index, name = rest.split(".", 1)
             state.setdefault(int(index), {})[name] = value
+        elif kind == "params":
+            params[int(rest)] = value
         else:
             rng[rest] = value
-    optimizer = {"state": state, "param_groups": json.loads(meta["param_groups"])}
-    return ResumeState(optimizer=optimizer, rng=rng, step=int(meta.get("step", 0)))
+    optimizer = {"state": state, "param_groups": param_groups}
+    ordered = [params[i] for i in sorted(params)]
+    return ResumeState(optimizer, rng, step, ordered, meta.get("checksum", ""))

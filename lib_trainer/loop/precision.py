@@ -17,10 +17,14 @@ def resolve_precision(setting: str, device: torch.device) -> str:
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     if setting == "fp16" and device.type != "cuda":
         raise ConfigError(
-            f"train.mixed_precision 'fp16' needs a CUDA GPU, but the model is on {device.type}; use 'bf16' or 'no'"
+            f"train.mixed_precision 'fp16' needs a CUDA GPU, but the model is on {device.type}; use 'bf16' or 'no'",
+            field="train.mixed_precision",
         )
     if setting == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise ConfigError("train.mixed_precision 'bf16' is not supported by this GPU; use 'fp16' or 'no'")
+        raise ConfigError(
+            "train.mixed_precision 'bf16' is not supported by this GPU; use 'fp16' or 'no'",
+            field="train.mixed_precision",
+        )
     return setting
 
 

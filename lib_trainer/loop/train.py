@@ -11,6 +11,7 @@ import contextlib
 import csv
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -18,7 +19,8 @@ from typing import Any, Protocol
 import torch
 
 from lib_trainer.config import TrainConfig
-from lib_trainer.errors import TrainingError
+from lib_trainer.errors import TrainerError, TrainingError
+from lib_trainer.formats.files import write_bytes_atomic
 from lib_trainer.loop.checkpoint import ResumeState
 from lib_trainer.loop.hooks import Progress, TrainingHooks
 from lib_trainer.loop.precision import autocast, grad_scaler, resolve_precision
@@ -79,16 +81,21 @@ class TrainResult:
 
 
 class LossLog:
-    """Loss history in memory (for charts) and as CSV on disk (step, loss, learning_rate, elapsed_s)."""
+    """Loss history in memory (for charts) and as CSV on disk (step, loss, learning_rate, elapsed_s).
+
+    A run that continues from step N keeps the rows up to N and drops later ones (written by a run that was
+    killed after its last save), so the log and the chart stay continuous.
+    """
 
     FIELDS = ("step", "loss", "learning_rate", "elapsed_s")
 
-    def __init__(self, path: Path | None):
+    def __init__(self, path: Path | None, start_step: int = 0):
         self.path = path
         self.history: list[dict[str, float]] = []
-        if path is not None and not path.exists():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(",".join(self.FIELDS) + "\n", encoding="utf-8")
+        if path is not None:
+            kept = _rows_up_to(path, start_step) if path.exists() else []
+            lines = [",".join(self.FIELDS), *kept]
+            write_bytes_atomic(path, ("\n".join(lines) + "\n").encode("utf-8"))
 
     def add(self, row: dict[str, float]) -> None:
         """Record one step."""
@@ -96,6 +103,64 @@ class LossLog:
         if self.path is not None:
             with self.path.open("a", newline="", encoding="utf-8") as fh:
                 csv.writer(fh).writerow([row[k] for k in self.FIELDS])
+
+
+def _rows_up_to(path: Path, step: int) -> list[str]:
+    """The data lines of a loss log whose step is at most ``step`` (unreadable lines are dropped)."""
+    kept = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines()[1:]:
+        first = line.split(",", 1)[0]
+        if first.isdigit() and int(first) <= step:
+            kept.append(line)
+    return kept
+
+
+class StepRng:
+    """torch's global random state as training sees it (dropout uses it), kept apart from the host's.
+
+    Each step runs with this state swapped in and the host's swapped back afterwards, so previews or other
+    generations between steps cannot change a run, and a resumed run draws exactly what the first one would.
+    """
+
+    def __init__(self, seed: int, device: torch.device):
+        self.seed, self.device = seed, device
+        self.cpu = torch.Generator().manual_seed(seed).get_state()
+        self.cuda: torch.Tensor | None = None
+
+    @contextlib.contextmanager
+    def active(self) -> Iterator[None]:
+        """Run the block with training's random state; keep what it advanced to."""
+        devices = [self.device.index or 0] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.set_rng_state(self.cpu)
+            if devices:
+                if self.cuda is None:
+                    torch.cuda.manual_seed(self.seed)
+                else:
+                    torch.cuda.set_rng_state(self.cuda, devices[0])
+            yield
+            self.cpu = torch.get_rng_state()
+            if devices:
+                self.cuda = torch.cuda.get_rng_state(devices[0])
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """For a resume sidecar."""
+        return {"torch_cpu": self.cpu, **({"torch_cuda": self.cuda} if self.cuda is not None else {})}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        """Restore what ``state`` returned."""
+        if "torch_cpu" in state:
+            self.cpu = state["torch_cpu"]
+        if "torch_cuda" in state and self.device.type == "cuda":
+            self.cuda = state["torch_cuda"]
+
+
+class _NonFiniteLoss(Exception):
+    """The loss was NaN or infinite (turned into a TrainingError once the last good state is saved)."""
+
+    def __init__(self, value: float, step: int):
+        super().__init__(f"loss {value} at step {step}")
+        self.value, self.step = value, step
 
 
 @dataclass
@@ -110,6 +175,8 @@ class _Run:
     batches: BatchSource
     step: int
     groups: list[dict[str, Any]]
+    step_rng: StepRng
+    precision: str
     last_saved: int = -1
     saved: list[Path] = field(default_factory=list)
 
@@ -132,7 +199,10 @@ def train(
         [{"params": g["params"], "lr": 0.0} for g in groups], lr=0.0, weight_decay=config.weight_decay
     )
     generator = torch.Generator(device=parts.device).manual_seed(config.seed)
-    run = _Run(parts, trainable, config, optimizer, generator, batches, trainable.start_step, groups)
+    step_rng = StepRng(config.seed, parts.device)
+    run = _Run(
+        parts, trainable, config, optimizer, generator, batches, trainable.start_step, groups, step_rng, precision
+    )
     _restore(run, trainable.resume)
     schedule = LearningRate(config.learning_rate, config.lr_schedule, config.lr_warmup_steps, config.steps)
     scaler = grad_scaler(parts.device, precision)
@@ -142,7 +212,7 @@ def train(
         try:
             while run.step < config.steps:
                 rate = schedule.at(run.step + 1)
-                loss, prompt = _optimizer_step(run, objective, rate, precision, scaler)
+                loss, prompt = _optimizer_step(run, objective, rate, scaler)
                 run.step += 1
                 elapsed = time.monotonic() - started
                 loss_log.add({"step": run.step, "loss": loss, "learning_rate": rate, "elapsed_s": round(elapsed, 3)})
@@ -151,39 +221,20 @@ def train(
                 if hooks.should_stop():
                     stopped = True
                     break
-        except (Exception, KeyboardInterrupt):
-            _save_if_new(run, hooks)  # a crash keeps the work done so far (if the tensors are finite)
+        except (Exception, KeyboardInterrupt) as exc:
+            _save_after_error(run, hooks)  # a crash keeps the work done so far (if the tensors are finite)
+            _raise_explained(run, exc)
             raise
         _save_if_new(run, hooks)
     return TrainResult(trainable.start_step, run.step, stopped, run.saved, loss_log.history)
 
 
-def _optimizer_step(run: _Run, objective: Objective, rate: float, precision: str, scaler) -> tuple[float, str]:
+def _optimizer_step(run: _Run, objective: Objective, rate: float, scaler) -> tuple[float, str]:
     for group, spec in zip(run.optimizer.param_groups, run.groups, strict=True):
         stopped = spec.get("stop_at") and run.step + 1 > spec["stop_at"]  # e.g. "stop training the TE at step N"
         group["lr"] = 0.0 if stopped else rate * spec.get("lr_scale", 1.0)
-    total, prompt = 0.0, ""
-    for _ in range(run.config.gradient_accumulation):
-        batch = run.batches.next_batch()
-        latents, prompts = batch[0], batch[1]
-        extras = batch[2] if len(batch) > 2 else {}  # optional per-sample "weights" [B] and "mask" [B, 1, h, w]
-        prompt = prompts[0]
-        device = run.parts.device
-        with autocast(device, precision):
-            cond = run.trainable.condition(run.parts, prompts)
-            masked = {"mask": extras["mask"].to(device)} if "mask" in extras else {}
-            per_sample = objective.loss(run.parts, latents.to(device), cond, run.generator, **masked)
-            if "weights" in extras:
-                per_sample = per_sample * extras["weights"].to(per_sample.device)
-            loss = per_sample.mean()
-        if not math.isfinite(loss.item()):
-            raise TrainingError(
-                f"the loss became {loss.item()} at step {run.step + 1}; training stopped and the last finite state "
-                "was kept. Lower train.learning_rate (or use mixed precision 'bf16'/'no') and train again"
-            )
-        loss = loss / run.config.gradient_accumulation
-        (scaler.scale(loss) if scaler else loss).backward()
-        total += loss.item()
+    with run.step_rng.active():
+        total, prompt = _accumulate(run, objective, scaler)
     if scaler:
         scaler.unscale_(run.optimizer)
     _clip(run)
@@ -193,6 +244,30 @@ def _optimizer_step(run: _Run, objective: Objective, rate: float, precision: str
     else:
         run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
+    return total, prompt
+
+
+def _accumulate(run: _Run, objective: Objective, scaler) -> tuple[float, str]:
+    """Forward and backward over ``gradient_accumulation`` micro-batches; the summed loss and a prompt."""
+    total, prompt = 0.0, ""
+    for _ in range(run.config.gradient_accumulation):
+        batch = run.batches.next_batch()
+        latents, prompts = batch[0], batch[1]
+        extras = batch[2] if len(batch) > 2 else {}  # optional per-sample "weights" [B] and "mask" [B, 1, h, w]
+        prompt = prompts[0]
+        device = run.parts.device
+        with autocast(device, run.precision):
+            cond = run.trainable.condition(run.parts, prompts)
+            masked = {"mask": extras["mask"].to(device)} if "mask" in extras else {}
+            per_sample = objective.loss(run.parts, latents.to(device), cond, run.generator, **masked)
+            if "weights" in extras:
+                per_sample = per_sample * extras["weights"].to(per_sample.device)
+            loss = per_sample.mean()
+        if not math.isfinite(loss.item()):
+            raise _NonFiniteLoss(loss.item(), run.step + 1)
+        loss = loss / run.config.gradient_accumulation
+        (scaler.scale(loss) if scaler else loss).backward()
+        total += loss.item()
     return total, prompt
 
 
@@ -222,25 +297,66 @@ def _save_and_preview(run: _Run, hooks: TrainingHooks) -> None:
 def _save_if_new(run: _Run, hooks: TrainingHooks) -> None:
     if run.step == run.last_saved or run.step == run.trainable.start_step:
         return
-    if not all(bool(torch.isfinite(p).all()) for p in run.trainable.parameters()):
+    params = run.trainable.parameters()
+    if not all(bool(torch.isfinite(p).all()) for p in params):
         return
-    resume = ResumeState(run.optimizer.state_dict(), _rng_state(run), run.step)
+    masters = [p.detach().to("cpu", torch.float32, copy=True) for p in params]
+    resume = ResumeState(run.optimizer.state_dict(), _rng_state(run), run.step, masters)
     for path in run.trainable.save(run.step, resume):
         run.saved.append(path)
         hooks.on_saved(path, run.step)
     run.last_saved = run.step
 
 
+def _save_after_error(run: _Run, hooks: TrainingHooks) -> None:
+    """Save what was trained before an error; a failing save is reported, never hides the error itself."""
+    try:
+        _save_if_new(run, hooks)
+    except (TrainerError, OSError) as exc:
+        hooks.on_warning(f"the state at step {run.step} could not be saved: {exc}")
+
+
+def _raise_explained(run: _Run, exc: BaseException) -> None:
+    """Turn a NaN loss or running out of GPU memory into a TrainingError saying what was kept and what to change."""
+    kept = (
+        f"The last good state (step {run.last_saved}) is saved."
+        if run.last_saved > run.trainable.start_step
+        else "Nothing new was saved."
+    )
+    if isinstance(exc, _NonFiniteLoss):
+        raise TrainingError(
+            f"the loss became {exc.value} at step {exc.step}; training stopped. {kept} Lower train.learning_rate "
+            "(or use mixed precision 'bf16'/'no') and train again",
+            field="train.learning_rate",
+        ) from None
+    if isinstance(exc, torch.OutOfMemoryError):
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        raise TrainingError(
+            f"the GPU ran out of memory at step {run.step + 1} (batch size {run.config.batch_size}). {kept} "
+            "Lower train.batch_size (train.gradient_accumulation keeps the effective batch), use "
+            "train.mixed_precision 'bf16' or 'fp16', train at a lower resolution or rank, or close other programs "
+            "using the GPU",
+            field="train.batch_size",
+        ) from exc
+
+
 def _rng_state(run: _Run) -> dict[str, Any]:
-    return {"generator": run.generator.get_state(), **run.batches.rng_state()}
+    return {"generator": run.generator.get_state(), **run.step_rng.state(), **run.batches.rng_state()}
 
 
 def _restore(run: _Run, resume: ResumeState | None) -> None:
     if resume is None:
         return
     run.optimizer.load_state_dict(resume.optimizer)
+    params = run.trainable.parameters()
+    if resume.params and [tuple(p.shape) for p in params] == [tuple(m.shape) for m in resume.params]:
+        with torch.no_grad():  # exact fp32 values, not the file's (possibly fp16) copy
+            for param, master in zip(params, resume.params, strict=True):
+                param.copy_(master)
     state = dict(resume.rng)
     generator_state = state.pop("generator", None)
     if generator_state is not None:
         run.generator.set_state(generator_state)
+    run.step_rng.set_state({k: state.pop(k) for k in ("torch_cpu", "torch_cuda") if k in state})
     run.batches.set_rng_state(state)

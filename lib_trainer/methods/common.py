@@ -11,6 +11,9 @@ import torch
 from lib_trainer.config import to_json
 from lib_trainer.data.dataset import LatentCache, PromptMaker, Sample, TrainingBatches
 from lib_trainer.data.latent_store import latent_store
+from lib_trainer.errors import ConfigError
+from lib_trainer.formats.files import is_inside, write_bytes_atomic
+from lib_trainer.loop.checkpoint import ResumeState
 from lib_trainer.loop.hooks import TrainingHooks
 from lib_trainer.loop.train import LossLog, Objective, Trainable, TrainResult, train
 from lib_trainer.models.diffusion import DiffusionObjective
@@ -33,7 +36,7 @@ def train_on_dataset(
     """
     samples, template, name = data
     trainable.run_dir.mkdir(parents=True, exist_ok=True)
-    (trainable.run_dir / "config.json").write_text(to_json(config), encoding="utf-8")
+    write_bytes_atomic(trainable.run_dir / "config.json", to_json(config).encode("utf-8"))
     seed = config.train.seed
     cache = LatentCache(
         samples,
@@ -47,4 +50,40 @@ def train_on_dataset(
     prompts = PromptMaker(template, name, config.data, random.Random(batch_seed))
     batches = TrainingBatches(samples, cache, prompts, config.train.batch_size, batch_seed)
     objective = objective or DiffusionObjective(config.train.noise_offset, config.train.min_snr_gamma)
-    return train(parts, trainable, batches, objective, config.train, hooks, LossLog(trainable.run_dir / "loss.csv"))
+    loss_log = LossLog(trainable.run_dir / "loss.csv", trainable.start_step)
+    return train(parts, trainable, batches, objective, config.train, hooks, loss_log)
+
+
+def check_log_folder(log_dir: Path, output_dir: Path, what: str) -> None:
+    """Refuse a log folder inside the host's model folder (numbered copies there would load as models)."""
+    if is_inside(log_dir, output_dir):
+        raise ConfigError(
+            f"the log folder {log_dir} is inside the {what} folder {output_dir}; numbered copies there would all "
+            f"be listed as {what}s. Choose a log folder outside it (Settings -> Trainer)"
+        )
+
+
+def check_total_steps(start_step: int, config: Any, source: str) -> None:
+    """Refuse a run whose starting point has already trained ``train.steps`` (the total)."""
+    if start_step >= config.train.steps:
+        raise ConfigError(
+            f"{source} has already trained {start_step} steps and train.steps is {config.train.steps} "
+            "(the total, counting earlier runs); raise train.steps to train further",
+            field="train.steps",
+        )
+
+
+def resumed_step(file_step: int, resume: ResumeState | None, hooks: TrainingHooks | None) -> int:
+    """The step a run continues from: the file's, or the resume state's when that is an earlier, complete save.
+
+    The latter happens when a run was killed after replacing the file but before writing its resume state; the
+    run then goes back to its last complete save and redoes the steps since, exactly as they were.
+    """
+    if resume is None or resume.step == file_step:
+        return file_step
+    if hooks is not None:
+        hooks.on_warning(
+            f"continuing from step {resume.step}, the last save with a complete resume state (the file says step "
+            f"{file_step}; the earlier run stopped while saving)"
+        )
+    return resume.step

@@ -13,15 +13,16 @@ import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import nn
 
-from lib_trainer.config import CONFIG_VERSION, DataConfig, TrainConfig, build_versioned, to_json
-from lib_trainer.data.dataset import load_training_set
+from lib_trainer.config import CONFIG_VERSION, DataConfig, TrainConfig, build_versioned, setting, to_json
+from lib_trainer.data.dataset import check_image_folders, load_training_set
+from lib_trainer.data.templates import load_template
 from lib_trainer.errors import ConfigError, FormatError
-from lib_trainer.formats.files import check_name, is_inside, path_in
+from lib_trainer.formats.files import check_name, path_in
 from lib_trainer.formats.hypernetwork import (
     HypernetworkModule,
     Structure,
@@ -32,12 +33,12 @@ from lib_trainer.formats.hypernetwork import (
     save_hypernetwork,
     structure_of,
 )
-from lib_trainer.loop.checkpoint import ResumeState, load_sidecar, save_sidecar, tensors_checksum
+from lib_trainer.loop.checkpoint import ResumeState, find_resume_state, save_sidecar, tensors_checksum
 from lib_trainer.loop.hooks import TrainingHooks
 from lib_trainer.loop.precision import resolve_precision
 from lib_trainer.loop.schedules import parse_learning_rate
 from lib_trainer.loop.train import Objective, TrainResult
-from lib_trainer.methods.common import train_on_dataset
+from lib_trainer.methods.common import check_log_folder, check_total_steps, resumed_step, train_on_dataset
 from lib_trainer.models.parts import ModelParts
 
 RISKY_LR = 1e-4
@@ -56,6 +57,8 @@ def _numbers(text: str, field: str) -> list[float]:
 @dataclass(frozen=True)
 class HypernetworkSpec:
     """A new hypernetwork's layout (the WebUI's create options)."""
+
+    SECTION: ClassVar[str] = "hypernetwork"
 
     name: str = ""
     sizes: str = "768, 320, 640, 1280"  # context widths: 768 (SD1 text), 1024 (SD2 text), 320/640/1280 (features)
@@ -130,7 +133,7 @@ class HypernetworkConfig:
     hypernetwork: HypernetworkSpec
     data: DataConfig
     train: TrainConfig = dataclasses.field(default_factory=lambda: TrainConfig(learning_rate="1e-5"))
-    resume_from: str = ""  # start from this hypernetwork .pt instead of <name>.pt in the hypernetworks folder
+    resume_from: str = setting("", path="file")  # start from this .pt instead of <name>.pt in the hypernetworks folder
     version: int = CONFIG_VERSION
 
     @classmethod
@@ -164,14 +167,16 @@ class Hypernetwork:
 
     @classmethod
     def create(cls, spec: HypernetworkSpec, seed: int = 0) -> Hypernetwork:
-        """Fresh modules initialised as the WebUI does."""
+        """Fresh modules initialised as the WebUI does, from ``seed`` (the host's random state is left alone)."""
         structure, generator = spec.structure(), torch.Generator().manual_seed(seed)
         layers = {}
-        for size in spec.size_list():
-            pair = (HypernetworkModule(size, structure), HypernetworkModule(size, structure))
-            for module in pair:
-                initialize(module, structure.weight_init, structure.activation_func, generator)
-            layers[size] = pair
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)  # torch.nn.init's Xavier/Kaiming draw from the global generator
+            for size in spec.size_list():
+                pair = (HypernetworkModule(size, structure), HypernetworkModule(size, structure))
+                for module in pair:
+                    initialize(module, structure.weight_init, structure.activation_func, generator)
+                layers[size] = pair
         return cls(structure, layers)
 
     @classmethod
@@ -288,7 +293,7 @@ class HypernetworkTrainable:
     def save(self, step: int, resume: ResumeState) -> list[Path]:
         """Numbered copy in the run folder, then the main ``.pt`` (+ .safetensors copy and resume sidecar)."""
         data, meta = self.file_dict(step), {"trainer": "sd-webui-trainer", "trainer_config": to_json(self.config)}
-        written = save_hypernetwork(self.run_dir / "hypernetworks" / f"{self.name}-{step}.pt", data, meta)
+        written = save_hypernetwork(numbered_path(self.paths, self.name, step), data, meta)
         written += save_hypernetwork(self.main_path, data, meta)
         save_sidecar(self.main_path, resume, tensors_checksum(self.parameters()))
         return written
@@ -319,34 +324,62 @@ def _check_sizes(spec: HypernetworkSpec, parts: ModelParts) -> None:
         )
 
 
-def prepare(config: HypernetworkConfig, parts: ModelParts, paths: OutputPaths, hooks: TrainingHooks):
-    """Validate everything before writing; returns the starting hypernetwork, its step and the data."""
-    if is_inside(paths.log_dir, paths.hypernetwork_dir):
-        raise ConfigError(f"the log folder {paths.log_dir} is inside {paths.hypernetwork_dir}; choose another")
+def numbered_path(paths: OutputPaths, name: str, step: int) -> Path:
+    """The run folder's copy of the hypernetwork at ``step``."""
+    return paths.log_dir / name / "hypernetworks" / f"{name}-{step}.pt"
+
+
+def _checksum_of(path: Path) -> str:
+    return tensors_checksum(Hypernetwork.from_dict(read_hypernetwork(path), path.name).parameters())
+
+
+def check(config: HypernetworkConfig, parts: ModelParts, paths: OutputPaths) -> None:
+    """Everything knowable before training, without loading the images (run when a job is queued and at its start)."""
+    check_log_folder(paths.log_dir, paths.hypernetwork_dir, "hypernetwork")
     resolve_precision(config.train.mixed_precision, parts.device)
+    load_template(config.data.template)
+    check_image_folders(config.data)
+    _, start_step, _ = _starting_point(config, parts, paths)
+    check_total_steps(start_step, config, f"hypernetwork {config.hypernetwork.name!r}")
+
+
+def _starting_point(
+    config: HypernetworkConfig, parts: ModelParts, paths: OutputPaths
+) -> tuple[Hypernetwork, int, Path | None]:
+    """The hypernetwork to train (read from ``resume_from`` or ``<name>.pt``, else new), its step, its file."""
+    spec, main = config.hypernetwork, path_in(paths.hypernetwork_dir, f"{config.hypernetwork.name}.pt")
+    source = Path(config.resume_from).expanduser() if config.resume_from else main
+    if config.resume_from and not source.is_file():
+        raise ConfigError(f"resume_from {config.resume_from!r} is not an existing file", "resume_from")
+    if source.is_file() and not (source == main and spec.overwrite):
+        field = "resume_from" if config.resume_from else "hypernetwork.name"
+        data = read_hypernetwork(source, field)
+        net = Hypernetwork.from_dict(data, source.name)
+        missing = [s for s in net.layers if s not in attention_widths(parts)]
+        if missing:
+            raise FormatError(
+                f"{source.name} has layers for widths {missing} this model does not have "
+                "(a hypernetwork for another model family?)",
+                field,
+            )
+        step = data.get("step")
+        return net, step if isinstance(step, int) and step > 0 else 0, source
+    _check_sizes(spec, parts)
+    return Hypernetwork.create(spec, config.train.seed), 0, None
+
+
+def prepare(config: HypernetworkConfig, parts: ModelParts, paths: OutputPaths, hooks: TrainingHooks):
+    """Validate everything before writing; returns the starting hypernetwork, its step, its file and the data."""
+    check(config, parts, paths)
     top = max(rate for rate, _ in parse_learning_rate(config.train.learning_rate))
     if top > RISKY_LR:
         hooks.on_warning(
             f"learning rate {top:g} is above {RISKY_LR:g}; hypernetworks often diverge there "
             "(the WebUI's users lose runs to NaN). 1e-5 is a safe start"
         )
-    samples, template = load_training_set(config.data)
-    spec, main = config.hypernetwork, path_in(paths.hypernetwork_dir, f"{config.hypernetwork.name}.pt")
-    source = Path(config.resume_from).expanduser() if config.resume_from else main
-    if config.resume_from and not source.is_file():
-        raise ConfigError(f"resume_from {config.resume_from!r} is not an existing file", "resume_from")
-    if source.is_file() and not (source == main and spec.overwrite):
-        data = read_hypernetwork(source)
-        net = Hypernetwork.from_dict(data, source.name)
-        missing = [s for s in net.layers if s not in attention_widths(parts)]
-        if missing:
-            raise FormatError(
-                f"{source.name} has layers for widths {missing} this model does not have "
-                "(a hypernetwork for another model family?)"
-            )
-        return net, int(data.get("step") or 0), source, samples, template
-    _check_sizes(spec, parts)
-    return Hypernetwork.create(spec, config.train.seed), 0, None, samples, template
+    samples, template = load_training_set(config.data, hooks.on_warning)
+    net, start_step, source = _starting_point(config, parts, paths)
+    return net, start_step, source, samples, template
 
 
 def train_hypernetwork(
@@ -359,14 +392,14 @@ def train_hypernetwork(
     """Train (or continue) the hypernetwork ``config.hypernetwork.name``."""
     hooks = hooks or TrainingHooks()
     net, start_step, source, samples, template = prepare(config, parts, paths, hooks)
-    if start_step >= config.train.steps:
-        raise ConfigError(
-            f"{config.hypernetwork.name} has already trained {start_step} steps and train.steps is "
-            f"{config.train.steps} (the total); raise it to train further",
-            "train.steps",
-        )
     trainable = HypernetworkTrainable(config, parts, paths, net, start_step)
     if source is not None:
-        trainable.resume = load_sidecar(source, tensors_checksum(trainable.parameters()))
+        trainable.resume = find_resume_state(
+            source,
+            tensors_checksum(trainable.parameters()),
+            lambda step: numbered_path(paths, config.hypernetwork.name, step),
+            _checksum_of,
+        )
+        trainable.start_step = resumed_step(start_step, trainable.resume, hooks)
     data = (samples, template, config.hypernetwork.name)
     return train_on_dataset(config, parts, trainable, data, paths.log_dir, hooks, objective)

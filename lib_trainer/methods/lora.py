@@ -15,31 +15,38 @@ import contextlib
 import dataclasses
 import json
 import math
+import re
 import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
+from torch import nn
 
-from lib_trainer.config import CONFIG_VERSION, DataConfig, TrainConfig, build_versioned, check_range, to_json
-from lib_trainer.data.dataset import (
-    Sample,
-    batches_per_epoch,
-    load_training_set,
+from lib_trainer.config import (
+    CONFIG_VERSION,
+    DataConfig,
+    TrainConfig,
+    build_versioned,
+    check_settings,
+    setting,
+    to_json,
 )
+from lib_trainer.data.dataset import Sample, batches_per_epoch, check_image_folders, load_training_set
 from lib_trainer.data.report import bucket_info, folder_stats, tag_frequency
+from lib_trainer.data.templates import load_template
 from lib_trainer.errors import ConfigError, FormatError, UnsupportedModelError
-from lib_trainer.formats.files import check_name, is_inside, path_in
+from lib_trainer.formats.files import check_name, path_in
 from lib_trainer.formats.lora import network_metadata, read_network, save_network
-from lib_trainer.loop.checkpoint import ResumeState, load_sidecar, save_sidecar, tensors_checksum
+from lib_trainer.loop.checkpoint import ResumeState, find_resume_state, save_sidecar, tensors_checksum
 from lib_trainer.loop.hooks import TrainingHooks
 from lib_trainer.loop.precision import resolve_precision
 from lib_trainer.loop.schedules import parse_learning_rate
 from lib_trainer.loop.train import Objective, TrainResult
-from lib_trainer.methods.common import train_on_dataset
+from lib_trainer.methods.common import check_log_folder, check_total_steps, resumed_step, train_on_dataset
 from lib_trainer.models.kohya_names import UNET_PREFIX, unet_key_table
 from lib_trainer.models.parts import ModelParts
 
@@ -53,19 +60,21 @@ TEXT_ENCODER_MODULES = ["CLIPAttention", "CLIPSdpaAttention", "CLIPMLP"]
 class NetworkConfig:
     """The network: algorithm, size, regularisation, what it trains, how it is saved."""
 
+    SECTION: ClassVar[str] = "network"
+
     name: str = ""
     algo: Literal["lora", "locon", "loha", "lokr"] = "lora"
-    rank: int = 16
-    alpha: float = 8.0
-    conv_rank: int = 0  # > 0 also trains ResBlock/Down/Upsample convs (LoCon, LoHa, LoKr)
-    conv_alpha: float = 1.0
-    dropout: float = 0.0
-    rank_dropout: float = 0.0
-    module_dropout: float = 0.0
+    rank: int = setting(16, low=1, high=1024, hint="4-32 is typical")
+    alpha: float = setting(8.0, low=0.0, high=1e6, hint="alpha scales the update by alpha/rank; try rank/2")
+    conv_rank: int = setting(0, low=0, high=1024)  # > 0 also trains ResBlock/Down/Upsample convs (LoCon, LoHa, LoKr)
+    conv_alpha: float = setting(1.0, low=0.0, high=1e6)
+    dropout: float = setting(0.0, low=0.0, high=0.95)
+    rank_dropout: float = setting(0.0, low=0.0, high=0.95)
+    module_dropout: float = setting(0.0, low=0.0, high=0.95)
     train_unet: bool = True
     train_text_encoder: bool = False
-    text_encoder_lr: float = 0.0  # 0 = the same as train.learning_rate
-    stop_text_encoder_at: int = 0  # stop training the text encoder after this step; 0 = never
+    text_encoder_lr: float = setting(0.0, low=0.0, high=1.0)  # 0 = the same as train.learning_rate
+    stop_text_encoder_at: int = setting(0, low=0, high=10_000_000)  # stop training the TE after this step; 0 = never
     save_precision: Literal["fp16", "bf16", "fp32"] = "fp16"
     overwrite: bool = False
 
@@ -73,14 +82,7 @@ class NetworkConfig:
         check_name(self.name, "network.name")
         if self.name.lower() in ("none", "addams"):
             raise ConfigError(f"network.name {self.name!r} is reserved by the WebUI; choose another", "network.name")
-        check_range("network.rank", self.rank, 1, 1024, "4-32 is typical")
-        check_range("network.alpha", self.alpha, 0.0, None, "alpha scales the update by alpha/rank; try rank/2")
-        check_range("network.conv_rank", self.conv_rank, 0, 1024)
-        check_range("network.conv_alpha", self.conv_alpha, 0.0, None)
-        for name in ("dropout", "rank_dropout", "module_dropout"):
-            check_range(f"network.{name}", getattr(self, name), 0.0, 0.95)
-        check_range("network.text_encoder_lr", self.text_encoder_lr, 0.0, 1.0)
-        check_range("network.stop_text_encoder_at", self.stop_text_encoder_at, 0, None)
+        check_settings(self, self.SECTION)
         if self.algo == "lora" and self.conv_rank:
             raise ConfigError(
                 "network.conv_rank needs algo 'locon', 'loha' or 'lokr' (plain 'lora' trains no "
@@ -101,14 +103,13 @@ class LoraConfig:
     network: NetworkConfig
     data: DataConfig
     train: TrainConfig = dataclasses.field(default_factory=lambda: TrainConfig(learning_rate="1e-4"))
-    epochs: int = 0  # > 0: train.steps = epochs x batches per epoch
-    save_every_epochs: int = 0  # > 0: replaces train.save_every
-    resume_from: str = ""  # continue a saved LoRA file (same key set)
+    epochs: int = setting(0, low=0, high=100_000)  # > 0: train.steps = epochs x batches per epoch
+    save_every_epochs: int = setting(0, low=0, high=100_000)  # > 0: replaces train.save_every
+    resume_from: str = setting("", path="file")  # continue a saved LoRA file (same key set)
     version: int = CONFIG_VERSION
 
     def __post_init__(self) -> None:
-        check_range("epochs", self.epochs, 0, 100_000)
-        check_range("save_every_epochs", self.save_every_epochs, 0, 100_000)
+        check_settings(self, "")
 
     @classmethod
     def from_dict(cls, data: dict) -> LoraConfig:
@@ -124,17 +125,41 @@ class OutputPaths:
     log_dir: Path
 
 
-def build_network(config: NetworkConfig, parts: ModelParts):
-    """A lycoris ``LycorisNetworkKohya`` over the model's UNet and text encoder, on the model's device."""
-    from lycoris.kohya import LycorisNetworkKohya
+# kohya's targets inside each block class, as paths relative to the block: a module another tool attached to a
+# block (the WebUI's own hypernetwork trainer leaves hyper_k/hyper_v layers on attentions) is never trained
+OWN_TARGETS = {
+    "SpatialTransformer": re.compile(
+        r"proj_in|proj_out|transformer_blocks\.\d+\.(attn[12]\.(to_q|to_k|to_v|to_out\.0)|ff\.net\.(0\.proj|2))"
+    ),
+    "ResBlock": re.compile(r"in_layers\.2|out_layers\.3|emb_layers\.1|skip_connection"),
+    "Downsample": re.compile(r"op"),
+    "Upsample": re.compile(r"conv"),
+    "CLIPAttention": re.compile(r"q_proj|k_proj|v_proj|out_proj"),
+    "CLIPSdpaAttention": re.compile(r"q_proj|k_proj|v_proj|out_proj"),
+    "CLIPMLP": re.compile(r"fc1|fc2"),
+}
 
-    te_root = parts.text_encoder.hf_clip_module()
-    if config.train_text_encoder and te_root is None:
+
+def check_text_encoder(config: NetworkConfig, parts: ModelParts) -> None:
+    """Refuse text-encoder training where the model's text encoder is not one LoRA names exist for."""
+    if config.train_text_encoder and parts.text_encoder.hf_clip_module() is None:
         raise UnsupportedModelError(
             f"text-encoder training is not supported on {parts.family.upper()} (OpenCLIP's fused attention); "
             "turn off network.train_text_encoder to train the UNet only",
             "network.train_text_encoder",
         )
+
+
+def build_network(config: NetworkConfig, parts: ModelParts, seed: int = 0):
+    """A lycoris ``LycorisNetworkKohya`` over the model's own target modules, on the model's device.
+
+    Initialised from ``seed`` (so a run is reproducible) without touching the host's random state. Every target
+    gets its kohya file name here, before training starts; a module without one is refused by name.
+    """
+    from lycoris.kohya import LycorisNetworkKohya
+
+    check_text_encoder(config, parts)
+    te_root = parts.text_encoder.hf_clip_module()
     conv = config.conv_rank > 0
     LycorisNetworkKohya.apply_preset(
         {
@@ -149,7 +174,8 @@ def build_network(config: NetworkConfig, parts: ModelParts):
             "exclude_name": [],
         }
     )
-    with _quiet_lycoris():
+    with _quiet_lycoris(), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
         network = LycorisNetworkKohya(
             te_root if te_root is not None else torch.nn.Module(),
             parts.unet,
@@ -165,14 +191,51 @@ def build_network(config: NetworkConfig, parts: ModelParts):
             bypass_mode=config.algo in ("lora", "locon"),
             warn_on_unmatched=False,
         )
-    if not config.train_text_encoder:
-        network.text_encoder_loras = []
-    if not config.train_unet:
-        network.unet_loras = []
+    unet_own = own_targets(parts.unet)
+    te_own = own_targets(te_root) if te_root is not None else set()
+    network.unet_loras = [m for m in network.unet_loras if config.train_unet and id(m.org_module[0]) in unet_own]
+    network.text_encoder_loras = [
+        m for m in network.text_encoder_loras if config.train_text_encoder and id(m.org_module[0]) in te_own
+    ]
     network.loras = network.text_encoder_loras + network.unet_loras
+    file_names(network, parts)  # every target has its name before step 1
     for lora in network.loras:
         lora.to(parts.device)
     return network
+
+
+def own_targets(root: nn.Module) -> set[int]:
+    """``id``s of the modules kohya trains in ``root``: the whitelisted children of its target blocks."""
+    found = set()
+    for block in root.modules():
+        pattern = OWN_TARGETS.get(type(block).__name__)
+        if pattern is None:
+            continue
+        for name, module in block.named_modules():
+            if name and pattern.fullmatch(name) and isinstance(module, (nn.Linear, nn.Conv2d)):
+                found.add(id(module))
+    return found
+
+
+def file_names(network, parts: ModelParts) -> dict[str, str]:
+    """lycoris module name -> kohya file name (diffusers-style UNet paths for SD1/SD2); refuses a missing one."""
+    table = unet_key_table(parts.unet)
+    paths = {id(module): name for name, module in parts.unet.named_modules()}
+    names = {}
+    for lora in network.loras:
+        name = lora.lora_name
+        if name.startswith(UNET_PREFIX):
+            if name not in table:
+                raise UnsupportedModelError(
+                    f"the UNet module {paths.get(id(lora.org_module[0]), name)} has no kohya LoRA file name: this "
+                    "UNet's block layout is not SD1/SD2's, so the WebUI could not load the file. Turn off "
+                    "network.train_unet or use an SD1/SD2 checkpoint",
+                    "network.train_unet",
+                )
+            names[name] = table[name]
+        else:
+            names[name] = name
+    return names
 
 
 @contextlib.contextmanager
@@ -209,17 +272,10 @@ def attached(network) -> Iterator[None]:
 
 def network_tensors(network, parts: ModelParts) -> dict[str, torch.Tensor]:
     """The network's tensors under kohya names (diffusers-style UNet paths for SD1/SD2)."""
-    table = unet_key_table(parts.unet)
-    tensors = {}
-    for lora in network.loras:
-        name = lora.lora_name
-        if name.startswith(UNET_PREFIX):
-            if name not in table:
-                raise FormatError(f"UNet module {name} has no kohya name; this model's UNet layout is not SD1/SD2")
-            name = table[name]
-        for key, value in lora.state_dict().items():
-            tensors[f"{name}.{key}"] = value
-    return tensors
+    names = file_names(network, parts)
+    return {
+        f"{names[lora.lora_name]}.{key}": value for lora in network.loras for key, value in lora.state_dict().items()
+    }
 
 
 def load_network_tensors(network, parts: ModelParts, tensors: dict[str, torch.Tensor], source: str) -> None:
@@ -251,7 +307,7 @@ class NetworkTrainable:
     def __init__(self, config: LoraConfig, parts: ModelParts, paths: OutputPaths, samples: list[Sample]):
         self.config, self.parts, self.paths = config, parts, paths
         self.name = config.network.name
-        self.network = build_network(config.network, parts)
+        self.network = build_network(config.network, parts, config.train.seed)
         self.start_step, self.resume = 0, None
         self.main_path = path_in(paths.lora_dir, f"{self.name}.safetensors")
         self.run_dir = paths.log_dir / self.name
@@ -317,7 +373,7 @@ class NetworkTrainable:
         extra = {
             "ss_sd_model_name": p.model_name or "",
             "ss_new_sd_model_hash": p.model_hash or "",
-            "ss_clip_skip": str(cfg.train.clip_skip),
+            "ss_clip_skip": str(_clip_skip(p)),
             "ss_training_started_at": str(self.started_at),
             "ss_training_finished_at": str(time.time()),
             "ss_steps": str(step),
@@ -329,7 +385,7 @@ class NetworkTrainable:
             "ss_session_id": self.session,
             "ss_noise_offset": str(cfg.train.noise_offset),
             "ss_min_snr_gamma": str(cfg.train.min_snr_gamma),
-            "modelspec.encoder_layer": str(cfg.train.clip_skip),
+            "modelspec.encoder_layer": str(_clip_skip(p)),
             "trainer": "sd-webui-trainer",
             "trainer_config": to_json(cfg),
             **self.dataset_meta,
@@ -349,10 +405,24 @@ class NetworkTrainable:
     def save(self, step: int, resume: ResumeState) -> list[Path]:
         """A numbered copy in the run folder and the main file in the Lora folder (with its resume sidecar)."""
         tensors, meta, precision = self.tensors(), self.metadata(step), self.config.network.save_precision
-        numbered = save_network(self.run_dir / "lora" / f"{self.name}-{step:06d}.safetensors", tensors, meta, precision)
+        numbered = save_network(numbered_path(self.paths, self.name, step), tensors, meta, precision)
         main = save_network(self.main_path, tensors, meta, precision)
-        save_sidecar(main, resume, tensors_checksum(list(read_network(main)[0].values())))
+        save_sidecar(main, resume, file_checksum(main))  # read back: what is checked is what was written
         return [numbered, main]
+
+
+def numbered_path(paths: OutputPaths, name: str, step: int) -> Path:
+    """The run folder's copy of the network at ``step``."""
+    return paths.log_dir / name / "lora" / f"{name}-{step:06d}.safetensors"
+
+
+def file_checksum(path: Path) -> str:
+    """Checksum of a saved LoRA file's tensors (ties a resume sidecar to it)."""
+    return tensors_checksum(list(read_network(path)[0].values()))
+
+
+def _clip_skip(parts: ModelParts) -> int:
+    return int(getattr(parts.text_encoder, "clip_skip", 1))
 
 
 def _dataset_metadata(data: DataConfig, samples: list[Sample]) -> dict[str, str]:
@@ -376,22 +446,35 @@ def _resolve_steps(config: LoraConfig, samples: list[Sample]) -> LoraConfig:
     return dataclasses.replace(config, train=train_cfg)
 
 
-def prepare(config: LoraConfig, parts: ModelParts, paths: OutputPaths) -> tuple[LoraConfig, list[Sample], list[str]]:
-    """Validate everything and load the data before anything is written."""
-    if is_inside(paths.log_dir, paths.lora_dir):
-        raise ConfigError(f"the log folder {paths.log_dir} is inside the Lora folder {paths.lora_dir}; choose another")
+def check(config: LoraConfig, parts: ModelParts, paths: OutputPaths) -> None:
+    """Everything knowable before training, without loading the images (run when a job is queued and at its start)."""
+    check_log_folder(paths.log_dir, paths.lora_dir, "LoRA")
     resolve_precision(config.train.mixed_precision, parts.device)
+    check_text_encoder(config.network, parts)
+    load_template(config.data.template)
+    check_image_folders(config.data)
     main = path_in(paths.lora_dir, f"{config.network.name}.safetensors")
-    resuming = bool(config.resume_from)
-    if resuming and not Path(config.resume_from).expanduser().is_file():
+    source = Path(config.resume_from).expanduser() if config.resume_from else None
+    if source is not None and not source.is_file():
         raise ConfigError(f"resume_from {config.resume_from!r} is not an existing file", "resume_from")
-    if main.exists() and not config.network.overwrite and not (resuming and Path(config.resume_from).resolve() == main):
+    if main.exists() and not config.network.overwrite and not (source is not None and source.resolve() == main):
         raise ConfigError(
             f"{main} already exists; turn on network.overwrite, choose another network.name, or set "
             "resume_from to continue it",
             "network.name",
         )
-    samples, template = load_training_set(config.data)
+    if source is not None:
+        metadata = read_network(source, "resume_from")[1]
+        if not config.epochs:  # with epochs the total is known once the images are counted
+            check_total_steps(_file_step(metadata), config, str(config.resume_from))
+
+
+def prepare(
+    config: LoraConfig, parts: ModelParts, paths: OutputPaths, hooks: TrainingHooks
+) -> tuple[LoraConfig, list[Sample], list[str]]:
+    """Validate everything and load the data before anything is written."""
+    check(config, parts, paths)
+    samples, template = load_training_set(config.data, hooks.on_warning)
     return _resolve_steps(config, samples), samples, template
 
 
@@ -403,24 +486,31 @@ def train_lora(
     objective: Objective | None = None,
 ) -> TrainResult:
     """Train a LoRA/LyCORIS network on the loaded model; saves every ``save_every`` and at the end."""
-    config, samples, template = prepare(config, parts, paths)
+    hooks = hooks or TrainingHooks()
+    config, samples, template = prepare(config, parts, paths, hooks)
     trainable = NetworkTrainable(config, parts, paths, samples)
     if config.resume_from:
-        _resume(trainable, Path(config.resume_from).expanduser())
-    if trainable.start_step >= config.train.steps:
-        raise ConfigError(
-            f"{config.resume_from} has already trained {trainable.start_step} steps and train.steps is "
-            f"{config.train.steps} (the total); raise it to train further",
-            "train.steps",
-        )
+        _resume(trainable, Path(config.resume_from).expanduser(), hooks)
+    check_total_steps(trainable.start_step, config, str(config.resume_from))
     data = (samples, template, config.network.name)
     return train_on_dataset(config, parts, trainable, data, paths.log_dir, hooks, objective)
 
 
-def _resume(trainable: NetworkTrainable, source: Path) -> None:
-    tensors, metadata = read_network(source)
+def _file_step(metadata: dict[str, str]) -> int:
+    text = metadata.get("ss_steps", "0") or "0"
+    return int(text) if text.isdigit() else 0
+
+
+def _resume(trainable: NetworkTrainable, source: Path, hooks: TrainingHooks) -> None:
+    tensors, metadata = read_network(source, "resume_from")
     load_network_tensors(trainable.network, trainable.parts, tensors, source.name)
-    trainable.start_step = int(metadata.get("ss_steps", "0") or 0)
-    trainable.resume = load_sidecar(source, tensors_checksum(list(tensors.values())))
+    resume = find_resume_state(
+        source,
+        tensors_checksum(list(tensors.values())),
+        lambda step: numbered_path(trainable.paths, trainable.name, step),
+        file_checksum,
+    )
+    trainable.start_step = resumed_step(_file_step(metadata), resume, hooks)
+    trainable.resume = resume
     if metadata.get("ss_session_id"):
         trainable.session = metadata["ss_session_id"]

@@ -13,11 +13,21 @@ import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 
-from lib_trainer.config import CONFIG_VERSION, DataConfig, TrainConfig, build_versioned, check_range, to_json
-from lib_trainer.data.dataset import load_training_set
+from lib_trainer.config import (
+    CONFIG_VERSION,
+    DataConfig,
+    TrainConfig,
+    build_versioned,
+    check_settings,
+    setting,
+    to_json,
+)
+from lib_trainer.data.dataset import check_image_folders, load_training_set
+from lib_trainer.data.templates import load_template
 from lib_trainer.errors import ConfigError, FormatError
 from lib_trainer.formats.embedding import (
     EMBEDDING_EXTENSIONS,
@@ -26,13 +36,14 @@ from lib_trainer.formats.embedding import (
     read_embedding,
     save_embedding,
 )
-from lib_trainer.formats.files import check_name, is_inside, path_in
-from lib_trainer.loop.checkpoint import ResumeState, load_sidecar, save_sidecar, tensors_checksum
+from lib_trainer.formats.files import check_name, path_in
+from lib_trainer.loop.checkpoint import ResumeState, find_resume_state, save_sidecar, tensors_checksum
 from lib_trainer.loop.hooks import TrainingHooks
 from lib_trainer.loop.precision import resolve_precision
 from lib_trainer.loop.train import Objective, TrainResult
-from lib_trainer.methods.common import train_on_dataset
+from lib_trainer.methods.common import check_log_folder, check_total_steps, resumed_step, train_on_dataset
 from lib_trainer.models.parts import ModelParts
+from lib_trainer.models.text import check_prompt_word
 
 MAX_VECTORS = 75
 
@@ -41,20 +52,18 @@ MAX_VECTORS = 75
 class EmbeddingConfig:
     """A new embedding: its name (the prompt word), initialisation text and size."""
 
+    SECTION: ClassVar[str] = "embedding"
+
     name: str = ""
-    init_text: str = "*"
-    num_vectors: int = 1
+    init_text: str = setting("*", free_text=True)
+    num_vectors: int = setting(
+        1, low=1, high=MAX_VECTORS, hint="one prompt chunk holds 75 tokens; 1-8 vectors are typical"
+    )
     overwrite: bool = False
 
     def __post_init__(self) -> None:
         check_name(self.name, "embedding.name")
-        check_range(
-            "embedding.num_vectors",
-            self.num_vectors,
-            1,
-            MAX_VECTORS,
-            "one prompt chunk holds 75 tokens; 1-8 vectors are typical",
-        )
+        check_settings(self, self.SECTION)
 
 
 @dataclass(frozen=True)
@@ -64,7 +73,7 @@ class TextualInversionConfig:
     embedding: EmbeddingConfig
     data: DataConfig
     train: TrainConfig = dataclasses.field(default_factory=lambda: TrainConfig(learning_rate="0.005"))
-    resume_from: str = ""  # start from this embedding file instead of <name> in the embeddings folder
+    resume_from: str = setting("", path="file")  # start from this embedding file instead of <name> in the folder
     version: int = CONFIG_VERSION
 
     @classmethod
@@ -104,6 +113,7 @@ def embedding_path(embeddings_dir: Path, name: str) -> Path:
 def create_embedding(config: EmbeddingConfig, parts: ModelParts, embeddings_dir: Path) -> Path:
     """Write a new embedding (step 0); refuse an existing one unless ``overwrite``."""
     path = embedding_path(embeddings_dir, config.name)
+    check_prompt_word(parts.text_encoder, config.name, "embedding.name")
     _check_name_free(embeddings_dir, config.name, allow=path if config.overwrite else None)
     vectors = initial_vectors(parts, config.init_text, config.num_vectors)
     meta = embedding_metadata(
@@ -171,39 +181,52 @@ class EmbeddingTrainable:
     def save(self, step: int, resume: ResumeState) -> list[Path]:
         """Write a numbered copy in the run folder and the main file (with its resume sidecar)."""
         meta = self.metadata(step)
-        numbered = save_embedding(self.run_dir / "embeddings" / f"{self.name}-{step}.safetensors", self.vectors, meta)
+        numbered = save_embedding(numbered_path(self.paths, self.name, step), self.vectors, meta)
         main = save_embedding(self.main_path, self.vectors, meta)
         save_sidecar(main, resume, tensors_checksum([self.vectors]))
         return [numbered, main]
 
 
-def prepare(config: TextualInversionConfig, parts: ModelParts, paths: OutputPaths) -> tuple:
-    """Validate everything and load the data before anything is written; returns what ``run`` needs."""
-    if is_inside(paths.log_dir, paths.embeddings_dir):
-        raise ConfigError(
-            f"the log folder {paths.log_dir} is inside the embeddings folder {paths.embeddings_dir}; "
-            "numbered copies there would all load as embeddings. Choose a log folder outside it"
-        )
+def check(config: TextualInversionConfig, parts: ModelParts, paths: OutputPaths) -> None:
+    """Everything knowable before training, without loading the images (run when a job is queued and at its start)."""
+    check_log_folder(paths.log_dir, paths.embeddings_dir, "embedding")
     resolve_precision(config.train.mixed_precision, parts.device)
-    samples, template = load_training_set(config.data)
+    check_prompt_word(parts.text_encoder, config.embedding.name, "embedding.name")
+    load_template(config.data.template)
+    check_image_folders(config.data)
+    start, _ = _starting_point(config, parts, paths, None)
+    check_total_steps(start.step, config, f"embedding {config.embedding.name!r}")
+
+
+def prepare(
+    config: TextualInversionConfig, parts: ModelParts, paths: OutputPaths, hooks: TrainingHooks
+) -> tuple[list, list[str], EmbeddingFile, ResumeState | None]:
+    """Validate everything and load the data before anything is written; returns what ``run`` needs."""
+    check(config, parts, paths)
+    samples, template = load_training_set(config.data, hooks.on_warning)
     if not any("[name]" in line for line in template) and not any(
         config.embedding.name.lower() in (s.caption or "").lower() for s in samples
     ):
         raise ConfigError(
             f"template {config.data.template!r} has no [name] and no caption mentions "
-            f"{config.embedding.name!r}: the embedding would never be trained. Use a template with [name]"
+            f"{config.embedding.name!r}: the embedding would never be trained. Use a template with [name]",
+            field="data.template",
         )
-    start, resume = _starting_point(config, parts, paths)
-    if start.step >= config.train.steps:
-        raise ConfigError(
-            f"embedding {config.embedding.name!r} has already trained {start.step} steps and "
-            f"train.steps is {config.train.steps} (the total); raise train.steps to train further"
-        )
+    start, resume = _starting_point(config, parts, paths, hooks)
     return samples, template, start, resume
 
 
+def numbered_path(paths: OutputPaths, name: str, step: int) -> Path:
+    """The run folder's copy of the embedding at ``step``."""
+    return paths.log_dir / name / "embeddings" / f"{name}-{step}.safetensors"
+
+
+def _checksum_of(path: Path) -> str:
+    return tensors_checksum([read_embedding(path).vectors])
+
+
 def _starting_point(
-    config: TextualInversionConfig, parts: ModelParts, paths: OutputPaths
+    config: TextualInversionConfig, parts: ModelParts, paths: OutputPaths, hooks: TrainingHooks | None
 ) -> tuple[EmbeddingFile, ResumeState | None]:
     emb = config.embedding
     main = embedding_path(paths.embeddings_dir, emb.name)
@@ -215,15 +238,27 @@ def _starting_point(
             field="resume_from",
         )
     if config.resume_from and source.resolve() != main.resolve() and main.exists() and not emb.overwrite:
-        raise ConfigError(f"{main} already exists; turn on embedding.overwrite to replace it with the resumed run")
+        raise ConfigError(
+            f"{main} already exists; turn on embedding.overwrite to replace it with the resumed run",
+            field="embedding.overwrite",
+        )
     if source.is_file() and not (source == main and emb.overwrite):
-        start = read_embedding(source)
+        field = "resume_from" if config.resume_from else "embedding.name"
+        start = read_embedding(source, field)
         if start.vectors.shape[1] != parts.text_encoder.dim:
             raise FormatError(
                 f"{source.name} has vectors of width {start.vectors.shape[1]} but this model's text encoder uses "
-                f"{parts.text_encoder.dim} (an embedding for another model family?); pick a matching file"
+                f"{parts.text_encoder.dim} (an embedding for another model family?); pick a matching file",
+                field=field,
             )
-        return start, load_sidecar(source, tensors_checksum([start.vectors]))
+        resume = find_resume_state(
+            source,
+            tensors_checksum([start.vectors]),
+            lambda step: numbered_path(paths, emb.name, step),
+            _checksum_of,
+        )
+        start.step = resumed_step(start.step, resume, hooks)
+        return start, resume
     return EmbeddingFile(initial_vectors(parts, emb.init_text, emb.num_vectors), 0, emb.name), None
 
 
@@ -235,7 +270,8 @@ def train_embedding(
     objective: Objective | None = None,
 ) -> TrainResult:
     """Train (or continue) the embedding ``config.embedding.name``; saves every ``save_every`` and at the end."""
-    samples, template, start, resume = prepare(config, parts, paths)
+    hooks = hooks or TrainingHooks()
+    samples, template, start, resume = prepare(config, parts, paths, hooks)
     trainable = EmbeddingTrainable(config, parts, paths, start)
     trainable.resume = resume
     data = (samples, template, config.embedding.name)

@@ -16,8 +16,14 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from lib_trainer.errors import ConfigError
+
 CHUNK_TOKENS = 75
 COMMA_BACKTRACK = 20  # the WebUI's default ``comma_padding_backtrack``
+# How a prompt word meets its neighbours in real prompts: alone (an emphasis segment), between words and commas,
+# next to punctuation without spaces, at a sentence end. The WebUI finds an embedding by its name's token ids.
+PROMPT_CONTEXTS = ("{}", "a photo of {}, red", "red,{},blue", "art by {}.")
+EMPHASIS = set("()[]\\")  # the WebUI's prompt parser reads these as emphasis, not as text
 
 
 def embedding_table(module: nn.Module) -> nn.Embedding:
@@ -137,6 +143,35 @@ def _match_placeholder(
         if name_ids and tuple(tokens[pos : pos + len(name_ids)]) == name_ids:
             return name_ids, lookup[name_ids]
     return None
+
+
+def check_prompt_word(encoder: TextEncoder, name: str, field: str) -> None:
+    """Refuse a name the WebUI could not find in prompts, with the reason (ConfigError naming ``field``).
+
+    The WebUI registers an embedding under the token ids of its file name and finds it in a prompt where those
+    ids occur in a row. A name made of no tokens fails to register; a name that starts or ends with punctuation,
+    a symbol or an emoji merges with a neighbouring comma or period into other tokens and is never found.
+    """
+    emphasis = sorted(set(name) & EMPHASIS)
+    if emphasis:
+        raise ConfigError(
+            f"{field} {name!r} contains {', '.join(map(repr, emphasis))}, which the WebUI's prompt parser reads as "
+            "emphasis, so the name could not be typed in a prompt; use letters, digits, '-' or '_'",
+            field=field,
+        )
+    ids = encoder.tokenize(name)
+    if not ids:
+        raise ConfigError(f"{field} {name!r} has no tokens for the text encoder; use letters or digits", field=field)
+    for context in PROMPT_CONTEXTS:
+        prompt = context.format(name)
+        tokens = encoder.tokenize(prompt)
+        if not any(tokens[i : i + len(ids)] == ids for i in range(len(tokens) - len(ids) + 1)):
+            raise ConfigError(
+                f"{field} {name!r} would not be recognised in a prompt such as {prompt!r}: its first or last "
+                "character joins the punctuation next to it into other tokens. Start and end the name with a "
+                "letter or digit",
+                field=field,
+            )
 
 
 class _ChunkBuilder:

@@ -54,20 +54,21 @@ def dataset_report(settings: dict[str, Any]) -> dict[str, Any]:
     """The dataset report for a data config (the Check button and POST /dataset/report)."""
     from lib_trainer.config import DataConfig, build
     from lib_trainer.data.report import dataset_report as report
+    from lib_trainer.webui.jobs import check_paths
 
-    return report(build(DataConfig, settings, "data"), host.token_counter())
+    config = build(DataConfig, settings, "data")
+    check_paths(config, host.allowed_roots())
+    return report(config, host.token_counter())
+
+
+ACTIONS = {"embedding": create_embedding, "hypernetwork": create_hypernetwork, "report": dataset_report}
 
 
 def on_ui_tabs():
     """The Trainer tab."""
     from lib_trainer.webui.ui import create_tab
 
-    tab = create_tab(
-        manager(),
-        {"embedding": create_embedding, "hypernetwork": create_hypernetwork, "report": dataset_report},
-        host.model_label,
-        host.sampler_names(),
-    )
+    tab = create_tab(manager(), ACTIONS, host.model_label, host.sampler_names())
     return [(tab, "Trainer", "trainer")]
 
 
@@ -77,7 +78,7 @@ def on_ui_settings() -> None:
 
 
 def on_app_started(_demo: Any, app: Any) -> None:
-    """Add /trainer/v1 routes to the WebUI's FastAPI app."""
+    """Add /trainer/v1 routes to the WebUI's FastAPI app, as far and as guarded as the WebUI serves its own API."""
     from lib_trainer.webui.api import register_routes
 
-    register_routes(app, manager(), create_embedding, create_hypernetwork, dataset_report)
+    register_routes(app, manager(), ACTIONS, host.route_access(app))

@@ -76,7 +76,9 @@ TRAIN_FIELDS: tuple[FormField, ...] = (
     FormField("train.clip_grad_value", "Clipping value", "number", 0.0),
     FormField("train.mixed_precision", "Mixed precision", "dropdown", choices=("auto", "no", "fp16", "bf16")),
     FormField("train.seed", "Seed", "int"),
-    FormField("train.clip_skip", "Clip skip", "slider", 1, 12, 1),
+    FormField(
+        "train.clip_skip", "Clip skip", "slider", 0, 12, 1, info="0 = the WebUI's Clip skip setting (shown above)"
+    ),
     FormField("train.save_every", "Save a copy every N steps (0 = only at the end)", "int", 0, None, 1),
     FormField("train.preview_every", "Preview every N steps (0 = never)", "int", 0, None, 1),
     FormField(

@@ -2,34 +2,41 @@
 
 The host surface used here, kept honest by tests/test_webui_real.py against a real WebUI checkout:
     modules.shared: sd_model, state (begin/end/interrupt, job, job_no, job_count, textinfo, interrupted,
-        assign_current_image), opts.CLIP_stop_at_last_layers, cmd_opts (embeddings_dir, hypernetwork_dir,
-        lora_dir, lowvram, medvram), reload_hypernetworks()
+        assign_current_image), opts.CLIP_stop_at_last_layers, opts.add_option, OptionInfo(restrict_api=),
+        cmd_opts (embeddings_dir, hypernetwork_dir, lora_dir, lowvram, medvram, api, nowebui, api_auth),
+        reload_hypernetworks()
+    the FastAPI app given to on_app_started: gradio's App, whose ``auth`` is set under --gradio-auth and whose
+        ``tokens`` maps the login cookie ("access-token...") to the user
     modules.paths_internal.data_path
     modules.call_queue.queue_lock
     modules.sd_hijack.model_hijack.embedding_db: load_textual_inversion_embeddings(force_reload),
         register_embedding_by_name(embedding, model, name)
     modules.textual_inversion.textual_inversion.create_embedding_from_data(data, name)
-    modules.processing: StableDiffusionProcessing.cached_c/cached_uc, StableDiffusionProcessingTxt2Img,
-        process_images
-    modules.sd_samplers.samplers_map
+    modules.processing: StableDiffusionProcessing.cached_c/cached_uc, StableDiffusionProcessingTxt2Img
+        (override_settings), process_images
+    modules.sd_samplers.samplers_map, all_samplers
     modules.scripts_postprocessing.ScriptPostprocessing, modules.ui_components.InputAccordion,
     modules.paths_internal.models_path, shared.interrogator (load, generate_caption, send_blip_to_ram),
     modules.deepbooru.model (start, tag_multi, stop)
     sys.modules["networks"] (the built-in Lora extension, when loaded): loaded_networks, list_available_networks(),
-        assign_network_names_to_compvis_modules(sd_model), convert_diffusers_name_to_compvis(key, is_sd2);
-        shared.sd_model.network_layer_mapping
+        assign_network_names_to_compvis_modules(sd_model), convert_diffusers_name_to_compvis(key, is_sd2),
+        re_x_proj; shared.sd_model.network_layer_mapping
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import hmac
 import html
+import re
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fastapi import Depends, HTTPException, Request
 from modules import call_queue, paths_internal, processing, sd_hijack, sd_samplers, shared
 
 from lib_trainer.errors import ConfigError, UnsupportedModelError
@@ -58,18 +65,106 @@ def folders() -> Folders:
 
 
 def add_settings() -> None:
-    """The trainer's section in Settings."""
+    """The trainer's section in Settings (not changeable through the API: they decide what the trainer may touch)."""
     section = ("trainer", "Trainer")
-    shared.opts.add_option(
-        "trainer_log_dir",
-        shared.OptionInfo(
-            "", "Folder for training logs, numbered copies and previews (empty: <data dir>/trainer)", section=section
+    options = {
+        "trainer_log_dir": ("", "Folder for training logs, numbered copies and previews (empty: <data dir>/trainer)"),
+        "trainer_allowed_folders": (
+            "",
+            "Allowed folders: datasets, templates and files to resume from may only come from the WebUI's own "
+            "folders and these (separate with ';')",
         ),
-    )
+        "trainer_allow_any_folder": (False, "Allow any folder on this computer (only if nobody else can reach it)"),
+    }
+    for key, (default, label) in options.items():
+        shared.opts.add_option(key, shared.OptionInfo(default, label, section=section, restrict_api=True))
+
+
+def allowed_roots() -> list[Path] | None:
+    """The folders jobs may read and write: the WebUI's own plus the listed ones (None: any folder)."""
+    opts = shared.opts
+    if getattr(opts, "trainer_allow_any_folder", False):
+        return None
+    f = folders()
+    roots = [Path(paths_internal.data_path), Path(paths_internal.models_path), f.embeddings, f.hypernetworks, f.lora]
+    roots.append(f.logs)
+    extra = getattr(opts, "trainer_allowed_folders", "") or ""
+    roots += [Path(part.strip()).expanduser() for part in re.split(r"[;\n]", extra) if part.strip()]
+    unique: list[Path] = []
+    for root in (r.resolve() for r in roots):
+        if root not in unique:
+            unique.append(root)
+    return unique
+
+
+def webui_clip_skip() -> int:
+    """The WebUI's Clip skip setting (used when a job leaves train.clip_skip at 0)."""
+    return int(getattr(shared.opts, "CLIP_stop_at_last_layers", 1) or 1)
+
+
+@dataclass(frozen=True)
+class RouteAccess:
+    """Which trainer routes exist and who may call them, following the WebUI's own rules."""
+
+    full_api: bool  # the REST API for jobs and files: only where the WebUI serves its API (--api / --nowebui)
+    api: list[Any]  # FastAPI dependencies of those routes: --api-auth, as the WebUI's API
+    ui: list[Any]  # dependencies of the routes the tab's page script polls: the --gradio-auth login (or --api-auth)
+
+
+def route_access(app: Any) -> RouteAccess:
+    """Route access for ``app``: the API's basic auth under --api-auth, the gradio login under --gradio-auth."""
+    opts = shared.cmd_opts
+    credentials = _api_credentials(getattr(opts, "api_auth", None))
+    login = getattr(app, "auth", None) is not None
+
+    def refuse() -> HTTPException:
+        return HTTPException(status_code=401, detail="Incorrect username or password", headers=_CHALLENGE)
+
+    def api_guard(request: Request) -> None:
+        if credentials and not _basic_auth_ok(request, credentials):
+            raise refuse()
+
+    def ui_guard(request: Request) -> None:
+        if login and not (_logged_in(app, request) or (credentials and _basic_auth_ok(request, credentials))):
+            raise refuse()
+
+    full_api = bool(getattr(opts, "api", False) or getattr(opts, "nowebui", False))
+    return RouteAccess(full_api, [Depends(api_guard)], [Depends(ui_guard)])
+
+
+_CHALLENGE = {"WWW-Authenticate": "Basic"}
+
+
+def _api_credentials(text: str | None) -> dict[str, str]:
+    """``--api-auth user:password[,user2:password2]`` parsed as the WebUI's API does."""
+    credentials = {}
+    for item in (text or "").split(","):
+        user, sep, password = item.partition(":")
+        if sep:
+            credentials[user] = password
+    return credentials
+
+
+def _basic_auth_ok(request: Any, credentials: dict[str, str]) -> bool:
+    header = request.headers.get("authorization", "")
+    scheme, _, encoded = header.partition(" ")
+    if scheme.lower() != "basic":
+        return False
+    try:
+        user, _, password = base64.b64decode(encoded).decode("utf-8").partition(":")
+    except (ValueError, UnicodeDecodeError):
+        return False
+    return user in credentials and hmac.compare_digest(password, credentials[user])
+
+
+def _logged_in(app: Any, request: Any) -> bool:
+    """Whether the request carries the cookie of a gradio login (its name differs between gradio versions)."""
+    tokens = getattr(app, "tokens", None) or {}
+    return any(name.startswith("access-token") and value in tokens for name, value in request.cookies.items())
 
 
 def model_label() -> str:
-    """A short description of the loaded model for the tab ("SD1 (eps) - name")."""
+    """A short description of the loaded model for the tab ("SD1 (eps-prediction) - name, Clip skip 1")."""
     model = shared.sd_model
     info = getattr(model, "sd_checkpoint_info", None)
     name = getattr(info, "name_for_extra", None) or getattr(info, "model_name", "?")
@@ -78,7 +173,8 @@ def model_label() -> str:
     if getattr(model, "is_sdxl", False):
         return f"SDXL (not supported yet) - {name}"
     family = "SD2" if getattr(model, "is_sd2", False) else "SD1"
-    return f"{family} ({getattr(model, 'parameterization', '?')}-prediction) - {name}"
+    skip = "" if family == "SD2" else f", WebUI Clip skip {webui_clip_skip()}"  # SD2 ignores it, as the WebUI does
+    return f"{family} ({getattr(model, 'parameterization', '?')}-prediction) - {name}{skip}"
 
 
 def model_parts(clip_skip: int | None = None) -> ModelParts:
@@ -93,7 +189,7 @@ def model_parts(clip_skip: int | None = None) -> ModelParts:
             "training does not work with --lowvram/--medvram (parts of the model stay on the CPU); "
             "restart the WebUI without them to train"
         )
-    skip = clip_skip if clip_skip is not None else int(getattr(shared.opts, "CLIP_stop_at_last_layers", 1))
+    skip = clip_skip or webui_clip_skip()  # 0/None: the WebUI's setting
     info = getattr(model, "sd_checkpoint_info", None)
     return parts_from_ldm(
         model, clip_skip=skip, model_name=getattr(info, "model_name", None), model_hash=getattr(info, "shorthash", None)
@@ -141,9 +237,10 @@ def refresh_loras() -> None:
 def unmatched_lora_keys(path: Path) -> list[str]:
     """Module names in a saved LoRA that the WebUI's own name mapping cannot place (empty = all load).
 
-    Uses the built-in Lora extension's ``convert_diffusers_name_to_compvis`` and the model's
-    ``network_layer_mapping`` as its loader does, without its LDM-name fallback, so a wrong diffusers name
-    is reported rather than silently matched. Returns [] when the Lora extension is not loaded.
+    Uses the built-in Lora extension's ``convert_diffusers_name_to_compvis``, its ``re_x_proj`` fallback (q/k/v
+    of SD2's fused attention) and the model's ``network_layer_mapping`` as its loader does, without its
+    LDM-name fallback, so a wrong diffusers name is reported rather than silently matched. Returns [] when the
+    Lora extension is not loaded.
     """
     import safetensors
 
@@ -155,12 +252,14 @@ def unmatched_lora_keys(path: Path) -> list[str]:
         networks.assign_network_names_to_compvis_modules(model)
     mapping = model.network_layer_mapping
     is_sd2 = "model_transformer_resblocks" in mapping
+    x_proj = getattr(networks, "re_x_proj", None)
     with safetensors.safe_open(str(path), framework="pt", device="cpu") as fh:
         names = sorted({key.partition(".")[0] for key in fh.keys()})  # noqa: SIM118
     unmatched = []
     for name in names:
         key = networks.convert_diffusers_name_to_compvis(name, is_sd2)
-        if key not in mapping:
+        proj = x_proj.match(key) if x_proj is not None else None
+        if key not in mapping and not (proj and proj.group(1) in mapping):
             unmatched.append(name)
     return unmatched
 
@@ -242,6 +341,11 @@ def render_txt2img(settings: dict[str, Any]) -> list[Any]:
     p.cfg_scale = settings.get("cfg_scale", 7.0)
     p.seed = settings.get("seed", -1)
     p.width, p.height = settings.get("width", 512), settings.get("height", 512)
+    if settings.get("clip_skip"):  # previews at the Clip skip the run trains with, whatever the WebUI is set to
+        p.override_settings = {
+            **(getattr(p, "override_settings", None) or {}),
+            "CLIP_stop_at_last_layers": settings["clip_skip"],
+        }
     job_no, job_count = shared.state.job_no, shared.state.job_count
     try:
         with contextlib.closing(p):

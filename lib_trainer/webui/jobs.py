@@ -1,14 +1,17 @@
 """Training jobs: a FIFO worker thread runs them one after another under the host's queue lock.
 
-The tab and the REST API submit the same jobs. Each job's record (state, step, loss history, ETA, saved
-files, previews, error) is what ``GET /trainer/v1/jobs/{id}`` returns and what the tab polls. ``host`` is
-the host-glue module (lib_trainer.webui.host in the WebUI; a fake in tests).
+The tab and the REST API submit the same jobs. ``submit`` checks everything knowable before step 1 (the
+config, the preview settings, the paths against the allowed folders, the method's own checks against the
+loaded model) and raises a TrainerError naming the field, so a bad job is refused instead of failing later.
+Each job's record (state, step, loss history, ETA, saved files, previews, error) is what
+``GET /trainer/v1/jobs/{id}`` returns and what the tab polls. ``host`` is the host-glue module
+(lib_trainer.webui.host in the WebUI; a fake in tests).
 """
 
 from __future__ import annotations
 
 import contextlib
-import io
+import dataclasses
 import itertools
 import queue
 import threading
@@ -21,38 +24,28 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from lib_trainer.data.preprocess import PreprocessConfig, preprocess_folder
-from lib_trainer.errors import TrainerError
+from lib_trainer.config import PreviewConfig, path_settings, to_dict
+from lib_trainer.data.preprocess import PreprocessConfig, check_input_folder, preprocess_folder
+from lib_trainer.data.templates import builtin_templates
+from lib_trainer.errors import ConfigError, TrainerError
+from lib_trainer.formats.files import check_allowed, write_atomic
 from lib_trainer.loop.hooks import Progress, TrainingHooks
 from lib_trainer.methods import hypernetwork as hn
 from lib_trainer.methods import lora
 from lib_trainer.methods import textual_inversion as ti
 
-MAX_PREVIEWS = 32
+MAX_FINISHED_JOBS = 50  # finished jobs kept in memory (their files and previews stay on disk)
+WORKER_IDLE_S = 5.0
 
 
-def _run_textual_inversion(job: Job, host: ModuleType, hooks: TrainingHooks):
-    folders = host.folders()
-    paths = ti.OutputPaths(folders.embeddings, folders.logs / "textual_inversion")
-    return ti.train_embedding(job.config, host.model_parts(job.config.train.clip_skip), paths, hooks)
-
-
-def _run_lora(job: Job, host: ModuleType, hooks: TrainingHooks):
-    folders = host.folders()
-    paths = lora.OutputPaths(folders.lora, folders.logs / "lora")
-    result = lora.train_lora(job.config, host.model_parts(job.config.train.clip_skip), paths, hooks)
-    saved = [Path(s["path"]) for s in job.saved if Path(s["path"]).parent == folders.lora]
+def _verify_lora(job: Job, host: ModuleType) -> None:
+    """Check the saved file's keys against the WebUI's own LoRA name mapping; mismatches become warnings."""
+    folder = host.folders().lora
+    saved = [Path(s["path"]) for s in job.saved if Path(s["path"]).parent == folder]
     if saved:
         unmatched = host.unmatched_lora_keys(saved[-1])
         if unmatched:
             job.warnings.append(f"{len(unmatched)} key(s) do not match the WebUI's modules: {', '.join(unmatched[:5])}")
-    return result
-
-
-def _run_hypernetwork(job: Job, host: ModuleType, hooks: TrainingHooks):
-    folders = host.folders()
-    paths = hn.OutputPaths(folders.hypernetworks, folders.logs / "hypernetworks")
-    return hn.train_hypernetwork(job.config, host.model_parts(job.config.train.clip_skip), paths, hooks)
 
 
 def _run_preprocess(job: Job, host: ModuleType, hooks: TrainingHooks):
@@ -75,24 +68,50 @@ def _run_preprocess(job: Job, host: ModuleType, hooks: TrainingHooks):
 
 @dataclass(frozen=True)
 class MethodSpec:
-    """How the job queue builds, names and runs one training method."""
+    """How the job queue builds, checks, names and runs one method.
+
+    Training methods give ``module`` (with ``check(config, parts, paths)``), ``paths`` (their OutputPaths
+    from the host's folders) and ``train``; preprocessing gives ``run`` instead.
+    """
 
     config: type
     name: Callable[[Any], str]
-    run: Callable[[Job, ModuleType, TrainingHooks], Any]
     refresh: str  # the host function that makes new files appear in its panels
+    module: ModuleType | None = None
+    paths: Callable[[Any], Any] | None = None
+    train: Callable[..., Any] | None = None
+    after: Callable[[Job, ModuleType], None] | None = None  # checks of what was written
+    run: Callable[[Job, ModuleType, TrainingHooks], Any] | None = None
 
 
 METHODS: dict[str, MethodSpec] = {
     "textual_inversion": MethodSpec(
-        ti.TextualInversionConfig, lambda c: c.embedding.name, _run_textual_inversion, "refresh_embeddings"
+        ti.TextualInversionConfig,
+        lambda c: c.embedding.name,
+        "refresh_embeddings",
+        ti,
+        lambda f: ti.OutputPaths(f.embeddings, f.logs / "textual_inversion"),
+        ti.train_embedding,
     ),
-    "lora": MethodSpec(lora.LoraConfig, lambda c: c.network.name, _run_lora, "refresh_loras"),
+    "lora": MethodSpec(
+        lora.LoraConfig,
+        lambda c: c.network.name,
+        "refresh_loras",
+        lora,
+        lambda f: lora.OutputPaths(f.lora, f.logs / "lora"),
+        lora.train_lora,
+        after=_verify_lora,
+    ),
     "hypernetwork": MethodSpec(
-        hn.HypernetworkConfig, lambda c: c.hypernetwork.name, _run_hypernetwork, "refresh_hypernetworks"
+        hn.HypernetworkConfig,
+        lambda c: c.hypernetwork.name,
+        "refresh_hypernetworks",
+        hn,
+        lambda f: hn.OutputPaths(f.hypernetworks, f.logs / "hypernetworks"),
+        hn.train_hypernetwork,
     ),
     "preprocess": MethodSpec(
-        PreprocessConfig, lambda c: Path(c.output_dir).name, _run_preprocess, "reset_conditioning_cache"
+        PreprocessConfig, lambda c: Path(c.output_dir).name, "reset_conditioning_cache", run=_run_preprocess
     ),
 }
 
@@ -104,7 +123,7 @@ class Job:
     id: str
     method: str
     config: Any
-    preview: dict[str, Any] | None = None
+    preview: PreviewConfig | None = None
     state: str = "queued"  # queued -> running -> done | interrupted | failed | cancelled
     step: int = 0
     total_steps: int = 0
@@ -114,12 +133,17 @@ class Job:
     steps_per_s: float | None = None
     history: list[dict[str, float]] = field(default_factory=list)
     saved: list[dict[str, Any]] = field(default_factory=list)
-    previews: list[tuple[int, bytes]] = field(default_factory=list)
+    previews: list[tuple[int, Path]] = field(default_factory=list)  # (step, PNG file in the run folder)
     error: str | None = None
     warnings: list[str] = field(default_factory=list)
     created_at: float = field(default_factory=time.time)
     cancel_requested: bool = False
     save_requested: bool = False
+
+    @property
+    def finished(self) -> bool:
+        """Whether the job has ended (in any way)."""
+        return self.state not in ("queued", "running")
 
     def summary(self, since: int = 0) -> dict[str, Any]:
         """JSON view; ``since`` limits the loss history to steps after it."""
@@ -140,6 +164,8 @@ class Job:
             "previews": [{"index": i, "step": step} for i, (step, _) in enumerate(self.previews)],
             "name": METHODS[self.method].name(self.config),
             "warnings": list(self.warnings),
+            "config": to_dict(self.config),
+            "preview": to_dict(self.preview) if self.preview is not None else None,
         }
 
 
@@ -173,20 +199,20 @@ class JobHooks(TrainingHooks):
         self.job.warnings.append(message)
 
     def on_preview(self, step: int, state: Any) -> None:
-        if not self.job.preview or not self.job.preview.get("enabled", True):
+        preview = self.job.preview
+        if preview is None or not preview.enabled:
             return
-        settings = {**self.job.preview, "prompt": self.job.preview.get("prompt") or self.name}
-        settings["prompt"] = settings["prompt"].replace("[name]", self.name)
+        settings = {**dataclasses.asdict(preview), "prompt": preview.prompt.replace("[name]", self.name)}
+        settings["clip_skip"] = self.job.config.train.clip_skip
         with self._preview_state(state):
             images = self.host.render_txt2img(settings)
-        for image in images:
-            buffer = io.BytesIO()
-            image.save(buffer, format="PNG")
-            self.job.previews.append((step, buffer.getvalue()))
+        folder = Path(state.run_dir) / "previews"
+        for i, image in enumerate(images):
+            path = write_atomic(folder / f"{self.name}-{step:06d}-{i}.png", lambda tmp, im=image: im.save(tmp, "PNG"))
+            self.job.previews.append((step, path))
             self.host.show_image(image)
-        del self.job.previews[:-MAX_PREVIEWS]
 
-    def _preview_state(self, state: Any) -> contextlib.AbstractContextManager:
+    def _preview_state(self, state: Any):
         """The training state as txt2img should see it: networks stay attached (their ``for_preview`` mode), an
         embedding is registered with the host under its name."""
         if hasattr(state, "for_preview"):
@@ -196,7 +222,7 @@ class JobHooks(TrainingHooks):
 
 
 class JobManager:
-    """Queue of jobs run one at a time by a daemon worker thread (started on first submit)."""
+    """Queue of jobs run one at a time by a daemon worker thread (started when work arrives)."""
 
     def __init__(self, host: ModuleType):
         self.host = host
@@ -206,19 +232,60 @@ class JobManager:
         self._worker: threading.Thread | None = None
         self._lock = threading.Lock()
 
-    def submit(self, method: str, config: dict[str, Any], preview: dict[str, Any] | None = None) -> Job:
-        """Validate ``config`` for ``method`` (TrainerError when invalid) and queue a job; returns at once."""
-        if method not in METHODS:
-            raise TrainerError(f"method {method!r} is unknown; valid methods: {', '.join(METHODS)}", field="method")
-        parsed = METHODS[method].config.from_dict(config)
+    def submit(self, method: Any, config: Any, preview: Any = None) -> Job:
+        """Check ``config`` for ``method`` (TrainerError naming the field when it is wrong) and queue a job."""
+        parsed, preview_config = self.validate(method, config, preview)
         with self._lock:
-            job = Job(id=f"{int(time.time())}-{next(self._ids)}", method=method, config=parsed, preview=preview)
+            job = Job(id=f"{int(time.time())}-{next(self._ids)}", method=method, config=parsed, preview=preview_config)
             self.jobs[job.id] = job
+            self._forget_old_jobs()
             self.pending.put(job)
-            if self._worker is None or not self._worker.is_alive():
+            if self._worker is None:
                 self._worker = threading.Thread(target=self._work, name="trainer-jobs", daemon=True)
                 self._worker.start()
         return job
+
+    def validate(self, method: Any, config: Any, preview: Any = None) -> tuple[Any, PreviewConfig | None]:
+        """The parsed config and preview of a job, after every check that can be made before it runs."""
+        if method is None:
+            raise ConfigError(f"method is missing; give one of {', '.join(METHODS)}", field="method")
+        if not isinstance(method, str) or method not in METHODS:
+            raise ConfigError(f"method {method!r} is unknown; valid methods: {', '.join(METHODS)}", field="method")
+        spec = METHODS[method]
+        parsed = spec.config.from_dict(config)
+        if spec.module is None:
+            preview_config = None
+        else:
+            preview_config = PreviewConfig.from_dict(preview if preview is not None else {"enabled": False})
+            self._check_sampler(preview_config)
+            parsed = self._with_host_defaults(parsed)
+        check_paths(parsed, self.host.allowed_roots())
+        if spec.module is not None:
+            parts = self.host.model_parts(parsed.train.clip_skip)
+            spec.module.check(parsed, parts, spec.paths(self.host.folders()))
+        else:
+            check_input_folder(parsed)
+        return parsed, preview_config
+
+    def _check_sampler(self, preview: PreviewConfig) -> None:
+        names = self.host.sampler_names()
+        if preview.enabled and preview.sampler not in names:
+            raise ConfigError(
+                f"preview.sampler {preview.sampler!r} is not a sampler of this WebUI; use one of {', '.join(names)}",
+                field="preview.sampler",
+            )
+
+    def _with_host_defaults(self, config: Any) -> Any:
+        """Settings that follow the host unless given: clip skip 0 = the WebUI's Clip skip setting."""
+        if config.train.clip_skip:
+            return config
+        train = dataclasses.replace(config.train, clip_skip=self.host.webui_clip_skip())
+        return dataclasses.replace(config, train=train)
+
+    def _forget_old_jobs(self) -> None:
+        finished = [job_id for job_id, job in self.jobs.items() if job.finished]
+        for job_id in finished[: max(0, len(finished) - MAX_FINISHED_JOBS)]:
+            del self.jobs[job_id]
 
     def get(self, job_id: str) -> Job | None:
         """The job with ``job_id``, if any."""
@@ -235,16 +302,20 @@ class JobManager:
         """Block until the job has ended (tests, scripts)."""
         deadline = time.monotonic() + timeout
         job = self.jobs[job_id]
-        while job.state in ("queued", "running") and time.monotonic() < deadline:
+        while not job.finished and time.monotonic() < deadline:
             time.sleep(0.02)
         return job
 
     def _work(self) -> None:
         while True:
             try:
-                job = self.pending.get(timeout=5.0)
+                job = self.pending.get(timeout=WORKER_IDLE_S)
             except queue.Empty:
-                return
+                with self._lock:  # submit() holds the lock while queueing: nothing can slip in between
+                    if self.pending.empty():
+                        self._worker = None
+                        return
+                continue
             self.run(job)
 
     def run(self, job: Job) -> None:
@@ -259,7 +330,7 @@ class JobManager:
             job.state = "running"
             try:
                 self.host.clear_merged_networks()
-                result = spec.run(job, self.host, JobHooks(job, self.host, name))
+                result = self._execute(job, spec, JobHooks(job, self.host, name))
                 job.state = "interrupted" if result.stopped else "done"
             except TrainerError as exc:
                 job.state, job.error = "failed", str(exc)
@@ -268,3 +339,22 @@ class JobManager:
                 traceback.print_exc()
             finally:
                 getattr(self.host, spec.refresh)()
+
+    def _execute(self, job: Job, spec: MethodSpec, hooks: JobHooks):
+        if spec.run is not None:
+            return spec.run(job, self.host, hooks)
+        parts = self.host.model_parts(job.config.train.clip_skip)
+        result = spec.train(job.config, parts, spec.paths(self.host.folders()), hooks)
+        if spec.after is not None:
+            spec.after(job, self.host)
+        return result
+
+
+def check_paths(config: Any, roots: list[Path] | None) -> None:
+    """Every path setting of ``config`` inside the allowed folders (AccessError naming the field); None = any."""
+    if roots is None:
+        return
+    for field_path, kind, value in path_settings(config):
+        if kind == "template" and value in builtin_templates():
+            continue
+        check_allowed(value, roots, field_path)

@@ -56,18 +56,50 @@ class FakeState:
         self.current_image, self.id_live_preview = image, self.id_live_preview + 1
 
 
-class FakeEmbeddingDb:
-    """sd_hijack.model_hijack.embedding_db: records reloads and registrations."""
+def host_tokenize(model) -> Any:
+    """``cond_stage_model.tokenize`` of the WebUI's wrappers: token ids without BOS/EOS (HF CLIP or open_clip)."""
+    cond = getattr(model.cond_stage_model, "wrapped", model.cond_stage_model)
+    if hasattr(cond, "tokenizer"):
+        return lambda text: list(cond.tokenizer(text, truncation=False, add_special_tokens=False)["input_ids"])
+    from open_clip import tokenizer
 
-    def __init__(self):
+    return lambda text: list(tokenizer._tokenizer.encode(text))
+
+
+class FakeEmbeddingDb:
+    """sd_hijack.model_hijack.embedding_db: records reloads; registers and finds names the WebUI's way.
+
+    The WebUI registers an embedding under the token ids of its name (``ids[0]`` must exist) and, in a prompt,
+    checks at every token position whether the ids of a registered name follow, longest name first.
+    """
+
+    def __init__(self, model=None):
         self.reloads: list[bool] = []
         self.registered: dict[str, Any] = {}
+        self.ids_lookup: dict[int, list[tuple[list[int], str]]] = {}
+        self.tokenize = host_tokenize(model) if model is not None else None
 
     def load_textual_inversion_embeddings(self, force_reload=False):
         self.reloads.append(force_reload)
 
     def register_embedding_by_name(self, embedding, model, name):
         self.registered[name] = embedding
+        ids = self.tokenize(name)
+        first = ids[0]  # a name without tokens fails here, as in the WebUI
+        entries = [e for e in self.ids_lookup.get(first, []) if e[1] != name] + [(ids, name)]
+        self.ids_lookup[first] = sorted(entries, key=lambda e: len(e[0]), reverse=True)
+
+    def found_in(self, prompt: str) -> list[str]:
+        """Names of the registered embeddings the WebUI finds in ``prompt`` (find_embedding_at_position)."""
+        tokens, found, i = self.tokenize(prompt), [], 0
+        while i < len(tokens):
+            match = next((e for e in self.ids_lookup.get(tokens[i], []) if tokens[i : i + len(e[0])] == e[0]), None)
+            if match is None:
+                i += 1
+            else:
+                found.append(match[1])
+                i += len(match[0])
+        return found
 
 
 class FakeEmbedding:
@@ -94,6 +126,7 @@ class StableDiffusionProcessingTxt2Img(StableDiffusionProcessing):
     ):
         self.sd_model = sd_model
         self.closed = False
+        self.override_settings = {}
 
     def close(self):
         self.closed = True
@@ -108,15 +141,29 @@ def process_images(p):
     """Renders a flat image of the requested size; advances the job counter like the real one."""
     shared = sys.modules["modules.shared"]
     shared.state.job_no += 1
-    shared.rendered.append({"prompt": p.prompt, "sampler": p.sampler_name, "size": (p.width, p.height)})
+    shared.rendered.append(
+        {"prompt": p.prompt, "sampler": p.sampler_name, "size": (p.width, p.height), "override": p.override_settings}
+    )
     return Processed([Image.new("RGB", (p.width, p.height), "gray")])
 
 
 class OptionInfo:
     def __init__(
-        self, default=None, label="", component=None, component_args=None, onchange=None, section=None, **kwargs
+        self,
+        default=None,
+        label="",
+        component=None,
+        component_args=None,
+        onchange=None,
+        section=None,
+        refresh=None,
+        comment_before="",
+        comment_after="",
+        infotext=None,
+        restrict_api=False,
+        category_id=None,
     ):
-        self.default, self.label, self.section = default, label, section
+        self.default, self.label, self.section, self.restrict_api = default, label, section, restrict_api
 
 
 class FakeOpts:
@@ -187,6 +234,9 @@ def install(model: Any, root: Path) -> types.SimpleNamespace:
         lora_dir=str(root / "models" / "Lora"),
         lowvram=False,
         medvram=False,
+        api=True,
+        nowebui=False,
+        api_auth=None,
     )
     shared.rendered = []
     shared.reload_hypernetworks = lambda: None
@@ -198,7 +248,7 @@ def install(model: Any, root: Path) -> types.SimpleNamespace:
     mods["modules.scripts_postprocessing"].PostprocessedImage = PostprocessedImage
     mods["modules.ui_components"].InputAccordion = lambda value, label="": None
     mods["modules.call_queue"].queue_lock = threading.Lock()
-    mods["modules.sd_hijack"].model_hijack = types.SimpleNamespace(embedding_db=FakeEmbeddingDb())
+    mods["modules.sd_hijack"].model_hijack = types.SimpleNamespace(embedding_db=FakeEmbeddingDb(model))
     mods["modules.textual_inversion.textual_inversion"].create_embedding_from_data = create_embedding_from_data
     processing = mods["modules.processing"]
     processing.StableDiffusionProcessing = StableDiffusionProcessing
