@@ -49,7 +49,6 @@ def build_model(family: str, size: str, workdir: Path, seed: int = 0) -> torch.n
     spec = copy.deepcopy(SIZES[size])
     if size == "full":
         spec.update(FULL_TEXT[family])
-    torch.manual_seed(seed)
     cond = _clip_config(spec, workdir) if family == "sd1" else _openclip_config(spec)
     config = {
         "target": "ldm.models.diffusion.ddpm.LatentDiffusion",
@@ -73,7 +72,9 @@ def build_model(family: str, size: str, workdir: Path, seed: int = 0) -> torch.n
             "cond_stage_config": cond,
         },
     }
-    model = instantiate_from_config(config).eval()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)  # after the CLIP files exist, so a cached work folder gives the same draws
+        model = instantiate_from_config(config).eval()
     reinit_zero_weights(model, seed)
     return model
 
@@ -125,29 +126,35 @@ def _vae_config(spec: dict) -> dict:
 
 
 def _clip_config(spec: dict, workdir: Path) -> dict:
-    from transformers import CLIPTextConfig, CLIPTextModel
-
     folder = workdir / f"clip-{spec['width']}-{spec['layers']}"
     if not (folder / "config.json").exists():
         write_clip_tokenizer(folder)
-        text_config = CLIPTextConfig(
-            vocab_size=49408,
-            hidden_size=spec["width"],
-            intermediate_size=spec["width"] * 4,
-            projection_dim=spec["width"],
-            num_hidden_layers=spec["layers"],
-            num_attention_heads=spec["heads"],
-            max_position_embeddings=77,
-            hidden_act="quick_gelu",
-            bos_token_id=49406,
-            eos_token_id=49407,
-            pad_token_id=1,
-        )
-        CLIPTextModel(text_config).save_pretrained(folder)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(1234)  # the saved text model is the same in every work folder
+            _save_clip(folder, spec)
     return {
         "target": "ldm.modules.encoders.modules.FrozenCLIPEmbedder",
         "params": {"version": str(folder), "device": "cpu"},
     }
+
+
+def _save_clip(folder: Path, spec: dict) -> None:
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    text_config = CLIPTextConfig(
+        vocab_size=49408,
+        hidden_size=spec["width"],
+        intermediate_size=spec["width"] * 4,
+        projection_dim=spec["width"],
+        num_hidden_layers=spec["layers"],
+        num_attention_heads=spec["heads"],
+        max_position_embeddings=77,
+        hidden_act="quick_gelu",
+        bos_token_id=49406,
+        eos_token_id=49407,
+        pad_token_id=1,
+    )
+    CLIPTextModel(text_config).save_pretrained(folder)
 
 
 def _openclip_config(spec: dict) -> dict:
