@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib
 import sys
+import types
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -18,6 +20,7 @@ import pytest  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from lib_trainer.models.ldm import parts_from_ldm  # noqa: E402
+from tests.support import fake_webui  # noqa: E402
 from tests.support.models import build_model  # noqa: E402
 
 
@@ -73,3 +76,41 @@ def write_images(folder: Path, count: int = 4, captions: bool = True, size: tupl
 def image_dir(tmp_path: Path) -> Path:
     """A folder with four captioned images."""
     return write_images(tmp_path / "data")
+
+
+@pytest.fixture
+def webui(sd1_model, tmp_path: Path):
+    sd1_model.sd_checkpoint_info = types.SimpleNamespace(
+        model_name="tiny-sd1", shorthash="0123456789", name_for_extra="tiny-sd1"
+    )
+    fake = fake_webui.install(sd1_model, tmp_path)
+    host = importlib.import_module("lib_trainer.webui.host")
+    jobs = importlib.import_module("lib_trainer.webui.jobs")
+    fake.host, fake.manager, fake.root = host, jobs.JobManager(host), tmp_path
+    fake.data = write_images(tmp_path / "photos")
+    yield fake
+    for job_id in list(fake.manager.jobs):  # no job of this test may go on training the shared model
+        fake.manager.cancel(job_id)
+        fake.manager.wait(job_id, timeout=120)
+    fake_webui.uninstall()
+    del sd1_model.sd_checkpoint_info
+
+
+@pytest.fixture
+def client(webui):
+    yield make_client(webui)
+    importlib.import_module("lib_trainer.webui.entry")._manager = None
+
+
+def make_client(webui, login: dict | None = None):
+    """A TestClient over a FastAPI app with our routes; ``login`` makes it look like gradio's App with auth."""
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    entry = importlib.import_module("lib_trainer.webui.entry")
+    entry._manager = webui.manager
+    app = FastAPI()
+    if login is not None:
+        app.auth, app.tokens = {"user": "pw"}, login
+    entry.on_app_started(None, app)
+    return TestClient(app)

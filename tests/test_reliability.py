@@ -25,7 +25,7 @@ from lib_trainer.formats.embedding import read_embedding, save_embedding
 from lib_trainer.formats.files import check_name
 from lib_trainer.formats.hypernetwork import read_hypernetwork
 from lib_trainer.formats.lora import read_network
-from lib_trainer.loop.checkpoint import read_sidecar, sidecar_path
+from lib_trainer.loop.checkpoint import read_sidecar
 from lib_trainer.loop.hooks import TrainingHooks
 from lib_trainer.methods import hypernetwork as hn
 from lib_trainer.methods import lora
@@ -270,23 +270,21 @@ def test_lora_resume_is_bit_exact_although_the_file_is_fp16(sd1_model, image_dir
     assert all(torch.equal(a_file[k], b_file[k]) for k in a_file)
 
 
-def test_a_kill_between_the_file_and_its_resume_state_goes_back_to_the_last_complete_save(
-    sd1_model, image_dir, tmp_path
-):
-    """The sidecar of step 2 with the file of step 3: resume from step 2 (its numbered copy confirms it)."""
+def test_a_kill_between_the_resume_state_and_the_file_continues_from_the_complete_save(sd1_model, image_dir, tmp_path):
+    """Sidecar and numbered copy of step 3 written, the main file still step 2's: continue from step 3."""
     parts = parts_from_ldm(sd1_model)
     straight = lora.OutputPaths(tmp_path / "a" / "Lora", tmp_path / "a" / "log")
     lora.train_lora(lora_config(image_dir, train={"steps": 5}), parts, straight)
     split = lora.OutputPaths(tmp_path / "b" / "Lora", tmp_path / "b" / "log")
-    main, saved_sidecars = split.lora_dir / "zqnet.safetensors", {}
+    main, saved_files = split.lora_dir / "zqnet.safetensors", {}
 
-    class KeepSidecars(Recorder):
+    class KeepFiles(Recorder):
         def on_saved(self, path, step):
             if path == main:
-                saved_sidecars[step] = sidecar_path(main).read_bytes()
+                saved_files[step] = main.read_bytes()
 
-    lora.train_lora(lora_config(image_dir, train={"steps": 5}), parts, split, KeepSidecars(stop_after=3))
-    sidecar_path(main).write_bytes(saved_sidecars[2])  # as if killed after the file of step 3 was written
+    lora.train_lora(lora_config(image_dir, train={"steps": 5}), parts, split, KeepFiles(stop_after=3))
+    main.write_bytes(saved_files[2])  # as if killed after the sidecar of step 3, before its main file
     hooks = Recorder()
     resumed = lora.train_lora(
         lora_config(image_dir, resume_from=str(main), network={"overwrite": True}, train={"steps": 5}),
@@ -294,10 +292,11 @@ def test_a_kill_between_the_file_and_its_resume_state_goes_back_to_the_last_comp
         split,
         hooks,
     )
-    assert resumed.start_step == 2
-    assert "continuing from step 2" in hooks.warnings[0]
+    assert resumed.start_step == 3
+    assert "continuing from step 3" in hooks.warnings[0]
     a, b = _master_and_file(straight), _master_and_file(split)
     assert all(torch.equal(x, y) for x, y in zip(a[0], b[0], strict=True))
+    assert all(torch.equal(a[1][k], b[1][k]) for k in a[1])
 
 
 def test_a_sidecar_of_another_file_is_not_used(sd1_model, image_dir, tmp_path):
@@ -372,7 +371,7 @@ def test_a_target_without_a_file_name_fails_before_the_first_step(sd1_model, mon
         def on_progress(self, progress):
             steps.append(progress.step)
 
+    paths, parts = lora.OutputPaths(tmp_path / "Lora", tmp_path / "log"), parts_from_ldm(sd1_model)
     with pytest.raises(TrainerError, match=r"the UNet module input_blocks\.\S+ has no kohya LoRA file name"):
-        paths = lora.OutputPaths(tmp_path / "Lora", tmp_path / "log")
-        lora.train_lora(lora_config(image_dir), parts_from_ldm(sd1_model), paths)
+        lora.train_lora(lora_config(image_dir), parts, paths, Steps())
     assert steps == []

@@ -14,24 +14,9 @@ import torch
 
 from lib_trainer.errors import AccessError, TrainerError
 from lib_trainer.models.guard import state_fingerprint
-from tests.conftest import write_images
+from tests.conftest import make_client, write_images
 from tests.support import fake_webui, webui_lora_names
 from tests.support.models import build_model
-
-
-@pytest.fixture
-def webui(sd1_model, tmp_path: Path):
-    sd1_model.sd_checkpoint_info = types.SimpleNamespace(
-        model_name="tiny-sd1", shorthash="0123456789", name_for_extra="tiny-sd1"
-    )
-    fake = fake_webui.install(sd1_model, tmp_path)
-    host = importlib.import_module("lib_trainer.webui.host")
-    jobs = importlib.import_module("lib_trainer.webui.jobs")
-    fake.host, fake.manager, fake.root = host, jobs.JobManager(host), tmp_path
-    fake.data = write_images(tmp_path / "photos")
-    yield fake
-    fake_webui.uninstall()
-    del sd1_model.sd_checkpoint_info
 
 
 def ti_request(data: Path, name: str = "zqtoken", **train) -> dict:
@@ -220,26 +205,6 @@ def test_entry_registers_callbacks_and_routes(webui):
 
 
 # ----- REST API through FastAPI's TestClient -------------------------------------------------------------------
-
-
-@pytest.fixture
-def client(webui):
-    yield make_client(webui)
-    importlib.import_module("lib_trainer.webui.entry")._manager = None
-
-
-def make_client(webui, login: dict | None = None):
-    """A TestClient over a FastAPI app with our routes; ``login`` makes it look like gradio's App with auth."""
-    from fastapi import FastAPI
-    from fastapi.testclient import TestClient
-
-    entry = importlib.import_module("lib_trainer.webui.entry")
-    entry._manager = webui.manager
-    app = FastAPI()
-    if login is not None:
-        app.auth, app.tokens = {"user": "pw"}, login
-    entry.on_app_started(None, app)
-    return TestClient(app)
 
 
 def test_api_happy_path(client, webui):

@@ -5,9 +5,10 @@ and a file of another format there would make the hypernetwork fail to load.
 
 Stored as safetensors bytes (tensors) with JSON metadata (everything else), so resuming never unpickles.
 The sidecar holds fp32 master copies of the trained tensors, so a run continues exactly even when the file
-itself is saved in a lower precision (a fp16 LoRA). It is used when its checksum matches the saved file's
-tensors, or, when a run was killed between writing the file and its sidecar, the numbered copy of the
-sidecar's own step (the run then goes back to that step).
+itself is saved in a lower precision (a fp16 LoRA). A save writes the run folder's numbered copy, then the
+sidecar, then the main file; the sidecar is used when its checksum matches the main file's tensors, or, when a
+run was killed after the sidecar but before the main file was replaced, the numbered copy of the sidecar's
+step (the run then continues from that step: every kill point resumes exactly).
 """
 
 from __future__ import annotations
@@ -94,8 +95,8 @@ def find_resume_state(
 ) -> ResumeState | None:
     """The state to continue the file ``path`` (whose tensors have ``checksum``) from, or None.
 
-    Its sidecar when they match; otherwise, if a kill came after the file was replaced but before its sidecar
-    was, the sidecar still describes the previous save: it is used when the numbered copy of its step
+    Its sidecar when they match; otherwise, if a kill came after the sidecar was written but before the file
+    was replaced, the sidecar describes the newer save: it is used when the numbered copy of its step
     (``numbered(step)``) holds exactly the tensors it was written with.
     """
     state = read_sidecar(path)

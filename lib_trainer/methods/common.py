@@ -74,16 +74,16 @@ def check_total_steps(start_step: int, config: Any, source: str) -> None:
 
 
 def resumed_step(file_step: int, resume: ResumeState | None, hooks: TrainingHooks | None) -> int:
-    """The step a run continues from: the file's, or the resume state's when that is an earlier, complete save.
+    """The step a run continues from: the file's, or the resume state's when that is a later, complete save.
 
-    The latter happens when a run was killed after replacing the file but before writing its resume state; the
-    run then goes back to its last complete save and redoes the steps since, exactly as they were.
+    The latter happens when a run was killed after writing its resume state (and numbered copy) but before
+    replacing the main file; the run continues from that save exactly.
     """
     if resume is None or resume.step == file_step:
         return file_step
     if hooks is not None:
         hooks.on_warning(
-            f"continuing from step {resume.step}, the last save with a complete resume state (the file says step "
-            f"{file_step}; the earlier run stopped while saving)"
+            f"continuing from step {resume.step}, the last complete save (the file says step {file_step}; the "
+            "earlier run stopped while saving)"
         )
     return resume.step

@@ -291,11 +291,12 @@ class HypernetworkTrainable:
         )
 
     def save(self, step: int, resume: ResumeState) -> list[Path]:
-        """Numbered copy in the run folder, then the main ``.pt`` (+ .safetensors copy and resume sidecar)."""
+        """Numbered copy in the run folder, the resume sidecar, then the main ``.pt`` (+ a .safetensors copy)."""
         data, meta = self.file_dict(step), {"trainer": "sd-webui-trainer", "trainer_config": to_json(self.config)}
-        written = save_hypernetwork(numbered_path(self.paths, self.name, step), data, meta)
+        numbered = numbered_path(self.paths, self.name, step)
+        written = save_hypernetwork(numbered, data, meta)
+        save_sidecar(self.main_path, resume, _checksum_of(numbered))  # read back: checked as written
         written += save_hypernetwork(self.main_path, data, meta)
-        save_sidecar(self.main_path, resume, tensors_checksum(self.parameters()))
         return written
 
 

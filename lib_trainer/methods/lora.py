@@ -403,11 +403,11 @@ class NetworkTrainable:
         )
 
     def save(self, step: int, resume: ResumeState) -> list[Path]:
-        """A numbered copy in the run folder and the main file in the Lora folder (with its resume sidecar)."""
+        """A numbered copy in the run folder, the resume sidecar, then the main file in the Lora folder."""
         tensors, meta, precision = self.tensors(), self.metadata(step), self.config.network.save_precision
         numbered = save_network(numbered_path(self.paths, self.name, step), tensors, meta, precision)
+        save_sidecar(self.main_path, resume, file_checksum(numbered))  # read back: checked as written
         main = save_network(self.main_path, tensors, meta, precision)
-        save_sidecar(main, resume, file_checksum(main))  # read back: what is checked is what was written
         return [numbered, main]
 
 

@@ -179,11 +179,11 @@ class EmbeddingTrainable:
         )
 
     def save(self, step: int, resume: ResumeState) -> list[Path]:
-        """Write a numbered copy in the run folder and the main file (with its resume sidecar)."""
+        """A numbered copy in the run folder, the resume sidecar, then the main file."""
         meta = self.metadata(step)
         numbered = save_embedding(numbered_path(self.paths, self.name, step), self.vectors, meta)
+        save_sidecar(self.main_path, resume, _checksum_of(numbered))  # read back: checked as written
         main = save_embedding(self.main_path, self.vectors, meta)
-        save_sidecar(main, resume, tensors_checksum([self.vectors]))
         return [numbered, main]
 
 

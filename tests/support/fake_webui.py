@@ -278,5 +278,8 @@ def uninstall() -> None:
     """Remove the fake modules and every lib_trainer.webui module imported against them."""
     for name in [n for n in sys.modules if n == "modules" or n.startswith("modules.")]:
         del sys.modules[name]
+    package = sys.modules.get("lib_trainer.webui")
     for name in [n for n in sys.modules if n.startswith("lib_trainer.webui.") and n != "lib_trainer.webui.form"]:
         del sys.modules[name]
+        if package is not None:  # else "from lib_trainer.webui import host" would find the old module again
+            package.__dict__.pop(name.rsplit(".", 1)[1], None)
