@@ -3,7 +3,9 @@
 CPU: the tiny test models. CUDA: also SD1.5- and SD2.1-sized models with random weights built from configs
 (no downloads), in fp16 storage like the WebUI's default, trained under autocast.
 
-    python bench/step_time.py [--steps 20] [--sizes tiny,full] [--device cuda]
+    .venv-test/bin/python bench/step_time.py [--steps 20] [--sizes tiny,full] [--device cuda]
+
+It needs the test stack (ldm, open_clip, transformers): ``bash tests/run.sh`` builds it in ``.venv-test``.
 """
 
 from __future__ import annotations
@@ -18,6 +20,15 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+try:
+    import ldm  # noqa: F401
+    import torch
+except ImportError as missing:
+    sys.exit(
+        f"bench/step_time.py needs the test stack ({missing.name} is missing here): run `bash tests/run.sh` once, "
+        "then `.venv-test/bin/python bench/step_time.py`"
+    )
 
 from tests.support.stack import prepare_stack  # noqa: E402
 

@@ -1,4 +1,4 @@
-"""The house rules on imports: the core never imports the WebUI, gradio or fastapi (STYLE.md)."""
+"""The house rules on imports: the core never imports the WebUI, gradio or fastapi (README, "Layout")."""
 
 from __future__ import annotations
 

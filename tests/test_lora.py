@@ -139,7 +139,7 @@ def test_keys_are_kohya_diffusers_names_of_real_modules(layout_parts, algo, conv
     network = build_network(network_config(algo, conv), parts)
     keys = {k.split(".")[0] for k in network_tensors(network, parts)}
     unet_keys = {k for k in keys if k.startswith("lora_unet_")}
-    valid = kohya_unet_names(parts.unet, 2)  # FORMATS.md 4.1 rules applied to the real module list
+    valid = kohya_unet_names(parts.unet, 2)  # docs/formats.md 4.1 rules applied to the real module list
     assert unet_keys <= set(valid), sorted(unet_keys - set(valid))[:5]
     assert len(unet_keys) == count_kohya_targets(parts.unet, conv=bool(conv)) == expected_unet
     te_keys = keys - unet_keys

@@ -41,7 +41,7 @@ def paths(tmp_path: Path) -> OutputPaths:
 
 
 def webui_loads(path: Path, expected_dim: int) -> tuple[str, torch.Tensor]:
-    """The WebUI 1.10 EmbeddingDatabase rule for .safetensors (FORMATS.md 3.1): one tensor [n, dim] -> usable."""
+    """The WebUI 1.10 EmbeddingDatabase rule for .safetensors (docs/formats.md 1): one tensor [n, dim] -> usable."""
     data = safetensors.torch.load_file(str(path), device="cpu")
     assert "string_to_param" not in data
     assert not ("clip_l" in data and "clip_g" in data)

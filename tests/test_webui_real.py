@@ -39,8 +39,9 @@ print(json.dumps({
     "state": [hasattr(state, n) for n in ("begin", "end", "interrupt", "assign_current_image", "job", "job_no",
                                           "job_count", "textinfo", "interrupted", "skipped")],
     "opts": hasattr(shared.opts, "CLIP_stop_at_last_layers") and hasattr(shared.opts, "add_option"),
-    "cmd_opts": [hasattr(shared.cmd_opts, n) for n in ("embeddings_dir", "hypernetwork_dir", "lowvram", "medvram")],
-    "option_info": hasattr(shared, "OptionInfo"),
+    "cmd_opts": [hasattr(shared.cmd_opts, n) for n in ("embeddings_dir", "hypernetwork_dir", "lowvram", "medvram",
+                                                       "api", "nowebui", "api_auth")],
+    "option_info": hasattr(shared, "OptionInfo") and "restrict_api" in params(shared.OptionInfo.__init__),
     "reload_hypernetworks": callable(getattr(shared, "reload_hypernetworks", None)),
     "data_path": isinstance(paths_internal.data_path, str),
     "queue_lock": hasattr(call_queue.queue_lock, "__enter__"),
@@ -50,8 +51,11 @@ print(json.dumps({
     "processing": all(hasattr(processing.StableDiffusionProcessing, n) for n in ("cached_c", "cached_uc"))
                   and {"sd_model", "do_not_save_grid", "do_not_save_samples", "do_not_reload_embeddings"}
                   <= set(params(processing.StableDiffusionProcessingTxt2Img.__init__))
+                  and "override_settings" in params(processing.StableDiffusionProcessing.__init__)
                   and callable(processing.process_images),
     "samplers_map": isinstance(sd_samplers.samplers_map, dict),
+    "all_samplers": bool(sd_samplers.all_samplers) and all(isinstance(s.name, str) for s in sd_samplers.all_samplers)
+                    and host.sampler_names() == sorted({s.name for s in sd_samplers.all_samplers}),
     "callbacks": all(callable(getattr(script_callbacks, n, None))
                      for n in ("on_ui_tabs", "on_ui_settings", "on_app_started")),
     "host_imported": host.__name__,
@@ -62,7 +66,8 @@ print(json.dumps({
               + [callable(getattr(deepbooru.model, n, None)) for n in ("start", "tag_multi", "stop")],
     "networks": [callable(getattr(networks, n, None)) for n in
                  ("convert_diffusers_name_to_compvis", "assign_network_names_to_compvis_modules",
-                  "list_available_networks")] + [isinstance(networks.loaded_networks, list)],
+                  "list_available_networks")] + [isinstance(networks.loaded_networks, list),
+                 hasattr(networks.re_x_proj, "match")],
 }))
 """
 

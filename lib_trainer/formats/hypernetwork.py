@@ -1,4 +1,4 @@
-"""The WebUI's hypernetwork format (FORMATS.md 3.2): modules, the ``.pt`` dict, and a safetensors copy.
+"""The WebUI's hypernetwork format (docs/formats.md section 2): modules, the ``.pt`` dict, and a safetensors copy.
 
 A hypernetwork holds, per enabled width, a pair of modules (for the attention's key and value inputs), each
 ``x + Sequential(...)(x) * multiplier``. The Sequential is built exactly as the WebUI builds it, because the

@@ -1,4 +1,4 @@
-"""kohya-format LoRA / LyCORIS ``.safetensors`` files (FORMATS.md 3.3): tensors + ``ss_*``/modelspec metadata."""
+"""kohya-format LoRA / LyCORIS ``.safetensors`` files (docs/formats.md section 3): tensors + ss_*/modelspec metadata."""
 
 from __future__ import annotations
 

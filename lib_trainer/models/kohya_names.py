@@ -1,4 +1,4 @@
-"""kohya LoRA key names for ldm modules: lookup tables built from the real module list (FORMATS.md section 4).
+"""kohya LoRA key names for ldm modules: lookup tables built from the real module list (docs/formats.md section 4).
 
 SD1/SD2 files use diffusers-style UNet paths (``lora_unet_down_blocks_0_attentions_0_...``), which the WebUI,
 Forge, ComfyUI and diffusers all load; text-encoder paths follow HF CLIP (``lora_te_text_model_encoder_...``).

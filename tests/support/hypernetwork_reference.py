@@ -1,4 +1,4 @@
-"""A hypernetwork loader written only from FORMATS.md 3.2 (not from our implementation), for the format test."""
+"""A hypernetwork loader written only from docs/formats.md section 2 (not from our code), for the format test."""
 
 from __future__ import annotations
 

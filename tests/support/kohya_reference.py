@@ -1,4 +1,4 @@
-"""A reference reader of kohya LoRA/LyCORIS files written only from the format spec (FORMATS.md 3.3).
+"""A reference reader of kohya LoRA/LyCORIS files written only from the format spec (docs/formats.md section 3).
 
 It merges each module's delta into a copy of the model's weights the way the WebUI/ComfyUI do, so tests can
 check that what we save means what our training network computed.
@@ -61,7 +61,7 @@ RESNET = {
 
 
 def kohya_unet_names(unet: torch.nn.Module, layers_per_block: int) -> dict[str, str]:
-    """``lora_unet_<diffusers path>`` -> ldm path, generated from FORMATS.md 4.1's diffusers -> LDM rules."""
+    """``lora_unet_<diffusers path>`` -> ldm path, generated from docs/formats.md 4.1's diffusers -> LDM rules."""
     names = dict(unet.named_modules())
     per_level = layers_per_block + 1
     levels = len(unet.input_blocks[1:]) // per_level + 1

@@ -1,4 +1,4 @@
-"""The WebUI 1.10 Lora extension's key rules, written independently of lib_trainer (docs/formats.md section 4.2).
+"""The WebUI 1.10 Lora extension's key rules, written independently of lib_trainer (docs/formats.md 4.2).
 
 The built-in Lora extension turns a kohya key into a module name with fixed rules that assume the SD1/SD2
 block layout (two res blocks per level: ``1 + level * 3 + index``), then looks it up in
