@@ -80,20 +80,24 @@ def image_dir(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def webui(sd1_model, tmp_path: Path):
-    sd1_model.sd_checkpoint_info = types.SimpleNamespace(
-        model_name="tiny-sd1", shorthash="0123456789", name_for_extra="tiny-sd1"
-    )
-    fake = fake_webui.install(sd1_model, tmp_path)
+    """The fake WebUI around the tiny SD1 model, with a job manager and a folder of photos."""
+    yield from installed_webui(sd1_model, tmp_path, "tiny-sd1")
+
+
+def installed_webui(model, root: Path, name: str):
+    """Install the fake host around ``model``; afterwards cancel every job of the test, then uninstall."""
+    model.sd_checkpoint_info = types.SimpleNamespace(model_name=name, shorthash="0123456789", name_for_extra=name)
+    fake = fake_webui.install(model, root)
     host = importlib.import_module("lib_trainer.webui.host")
     jobs = importlib.import_module("lib_trainer.webui.jobs")
-    fake.host, fake.manager, fake.root = host, jobs.JobManager(host), tmp_path
-    fake.data = write_images(tmp_path / "photos")
+    fake.host, fake.manager, fake.root = host, jobs.JobManager(host), root
+    fake.data = write_images(root / "photos")
     yield fake
     for job_id in list(fake.manager.jobs):  # no job of this test may go on training the shared model
         fake.manager.cancel(job_id)
         fake.manager.wait(job_id, timeout=120)
     fake_webui.uninstall()
-    del sd1_model.sd_checkpoint_info
+    del model.sd_checkpoint_info
 
 
 @pytest.fixture

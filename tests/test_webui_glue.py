@@ -14,8 +14,8 @@ import torch
 
 from lib_trainer.errors import AccessError, TrainerError
 from lib_trainer.models.guard import state_fingerprint
-from tests.conftest import make_client, write_images
-from tests.support import fake_webui, webui_lora_names
+from tests.conftest import installed_webui, make_client, write_images
+from tests.support import webui_lora_names
 from tests.support.models import build_model
 
 
@@ -416,15 +416,7 @@ def layout_model(tmp_path_factory):
 
 @pytest.fixture
 def layout_webui(layout_model, tmp_path):
-    layout_model.sd_checkpoint_info = types.SimpleNamespace(model_name="layout", shorthash="1234567890")
-    fake = fake_webui.install(layout_model, tmp_path)
-    host = importlib.import_module("lib_trainer.webui.host")
-    jobs = importlib.import_module("lib_trainer.webui.jobs")
-    fake.host, fake.manager, fake.root = host, jobs.JobManager(host), tmp_path
-    fake.data = write_images(tmp_path / "photos")
-    yield fake
-    fake_webui.uninstall()
-    del layout_model.sd_checkpoint_info
+    yield from installed_webui(layout_model, tmp_path, "layout")
 
 
 def test_lora_job_trains_previews_verifies_and_refreshes(layout_webui, layout_model, monkeypatch):
