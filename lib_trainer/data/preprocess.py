@@ -74,12 +74,17 @@ class PreprocessConfig:
             )
 
 
+def input_images(folder: Path) -> list[Path]:
+    """The image files of an input folder, sorted (not recursive)."""
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+
+
 def check_input_folder(config: PreprocessConfig) -> None:
     """Before a preparation run is queued: the input folder holds images and the output is not a file."""
     source = Path(config.input_dir).expanduser()
     if not source.is_dir():
         raise DatasetError(f"input_dir {str(source)!r} is not an existing folder", field="input_dir")
-    if not any(p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS for p in source.iterdir()):
+    if not input_images(source):
         raise DatasetError(
             f"input_dir {str(source)!r} holds no .jpg, .jpeg, .png, .webp or .bmp files", field="input_dir"
         )
@@ -130,7 +135,7 @@ def preprocess_folder(
     if not source.is_dir():
         raise DatasetError(f"input_dir {str(source)!r} is not an existing folder", field="input_dir")
     out = Path(config.output_dir).expanduser()
-    files = sorted(p for p in source.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    files = input_images(source)
     result: dict[str, list] = {"written": [], "problems": []}
     weights = FocalWeights(config.face_weight, config.entropy_weight, config.edges_weight)
     for done, path in enumerate(files):

@@ -84,12 +84,6 @@ def save_sidecar(path: Path, state: ResumeState, checksum: str) -> Path:
     return write_bytes_atomic(sidecar_path(path), safetensors.torch.save(tensors, metadata=meta))
 
 
-def load_sidecar(path: Path, checksum: str) -> ResumeState | None:
-    """The sidecar of ``path`` if it exists, is readable and matches ``checksum``; else None."""
-    state = read_sidecar(path)
-    return state if state is not None and state.checksum == checksum else None
-
-
 def find_resume_state(
     path: Path, checksum: str, numbered: Callable[[int], Path], checksum_of: Callable[[Path], str]
 ) -> ResumeState | None:
