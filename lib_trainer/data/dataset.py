@@ -17,11 +17,19 @@ from PIL import Image
 from lib_trainer.config import DataConfig
 from lib_trainer.data.buckets import BucketSpec, assign_bucket, make_buckets
 from lib_trainer.data.captions import augment_tags, caption_from_filename, read_caption
-from lib_trainer.data.images import IMAGE_EXTENSIONS, load_alpha, load_rgb, mask_tensor, resize_crop, to_tensor
+from lib_trainer.data.images import (
+    IMAGE_EXTENSIONS,
+    cover_crop,
+    load_alpha,
+    load_rgb,
+    mask_tensor,
+    resize_crop,
+    to_tensor,
+)
 from lib_trainer.data.latent_store import LatentStore
 from lib_trainer.data.templates import fill_template, load_template, uses_filewords
 from lib_trainer.errors import DatasetError
-from lib_trainer.models.parts import LatentEncoder
+from lib_trainer.models.parts import LatentEncoder, Prompts, SizeCondition
 
 ENCODE_BATCH = 4
 
@@ -42,11 +50,22 @@ class Sample:
     mask: torch.Tensor | None = None  # [1, h/8, w/8] from the alpha channel (data.alpha_mask)
     loss_weight: float = 1.0
     is_reg: bool = False  # a regularisation (class) image: captioned as is, no template or trigger
+    original_size: tuple[int, int] | None = None  # (width, height) of the image file (None: the bucket's)
 
     @property
     def size(self) -> tuple[int, int]:
         """(width, height) of the prepared pixels: the bucket."""
         return int(self.pixels.shape[2]), int(self.pixels.shape[1])
+
+    def size_condition(self, mirrored: bool = False) -> SizeCondition:
+        """The image's SDXL size conditioning: original size, where the centre crop starts, the bucket (for a
+        mirrored copy the crop's left edge is measured from the other side)."""
+        width, height = self.size
+        original = self.original_size or (width, height)
+        resized, left, top = cover_crop(original, width, height)
+        if mirrored:
+            left = resized[0] - width - left
+        return SizeCondition((original[1], original[0]), (top, left), (height, width))
 
 
 @dataclass
@@ -185,7 +204,7 @@ def _load_sample(
     mask = mask_tensor(alpha, *size) if alpha is not None else None
     repeats, folder_caption, is_reg = folder
     weight = config.prior_loss_weight if is_reg else 1.0
-    result.samples.append(Sample(path, caption, pixels, repeats, folder_caption, mask, weight, is_reg))
+    result.samples.append(Sample(path, caption, pixels, repeats, folder_caption, mask, weight, is_reg, image.size))
 
 
 def load_training_set(config: DataConfig, warn: Callable[[str], None] | None = None) -> tuple[list[Sample], list[str]]:
@@ -341,19 +360,21 @@ class TrainingBatches:
         self.queue: list[list[int]] = []
 
     def next_batch(self) -> tuple[torch.Tensor, list[str]]:
-        """The next batch: scaled latents ``[B, 4, h, w]`` (CPU, one bucket) and one prompt per image."""
+        """The next batch: scaled latents ``[B, 4, h, w]`` (CPU, one bucket) and one prompt per image (a
+        ``Prompts`` list carrying each image's size conditioning)."""
         if not self.queue:
             self.queue = epoch_batches(self.samples, self.batch_size, self.rng)
         indices = self.queue.pop(0)
-        prompts = [self.prompts.prompt(self.samples[i]) for i in indices]
+        texts = [self.prompts.prompt(self.samples[i]) for i in indices]
         latents = self.cache.latents(indices, self.latent_generator)
         extras = {}
         samples = [self.samples[i] for i in indices]
+        mirrored = getattr(self.cache, "last_mirrored", None) or [False] * len(samples)
+        prompts = Prompts(texts, [s.size_condition(m) for s, m in zip(samples, mirrored, strict=True)])
         if any(s.loss_weight != 1.0 for s in samples):
             extras["weights"] = torch.tensor([s.loss_weight for s in samples])
         if self.prompts.config.alpha_mask:
             masks = [s.mask if s.mask is not None else torch.ones(1, *latents.shape[2:]) for s in samples]
-            mirrored = getattr(self.cache, "last_mirrored", [False] * len(masks))
             extras["mask"] = torch.stack(
                 [torch.flip(m, dims=[2]) if flipped else m for m, flipped in zip(masks, mirrored, strict=True)]
             )

@@ -37,12 +37,17 @@ def mask_tensor(alpha: Image.Image, width: int, height: int) -> torch.Tensor:
     return torch.from_numpy(np.asarray(small, dtype=np.float32) / 255.0).unsqueeze(0)
 
 
+def cover_crop(size: tuple[int, int], width: int, height: int) -> tuple[tuple[int, int], int, int]:
+    """Where ``resize_crop`` cuts: the resized (w, h) that covers ``width``x``height``, and the crop's left, top."""
+    scale = max(width / size[0], height / size[1])
+    resized = (max(width, round(size[0] * scale)), max(height, round(size[1] * scale)))
+    return resized, (resized[0] - width) // 2, (resized[1] - height) // 2
+
+
 def resize_crop(img: Image.Image, width: int, height: int) -> Image.Image:
     """Scale so the image covers ``width``x``height``, then crop the centre."""
-    scale = max(width / img.width, height / img.height)
-    size = (max(width, round(img.width * scale)), max(height, round(img.height * scale)))
+    size, left, top = cover_crop(img.size, width, height)
     img = img.resize(size, Image.Resampling.LANCZOS)
-    left, top = (size[0] - width) // 2, (size[1] - height) // 2
     return img.crop((left, top, left + width, top + height))
 
 

@@ -1,9 +1,11 @@
 """Textual-inversion embedding files.
 
-Written: ``.safetensors`` holding one fp32 tensor ``emb_params [n_vectors, dim]`` (kohya's key), which the
-WebUI (>= 1.1, with its safe loader on), ComfyUI and diffusers load; metadata strings carry the name,
-step, base model and our resolved config. Read for resume: that format, the WebUI's ``.pt``
-(``string_to_param`` with one entry, loaded with ``weights_only=True``) and single-tensor files.
+Written: ``.safetensors`` holding one fp32 tensor ``emb_params [n_vectors, dim]`` (kohya's key), or for SDXL
+exactly ``clip_l [n, 768]`` and ``clip_g [n, 1280]`` (docs/formats.md section 3.1), which the WebUI (>= 1.1;
+SDXL >= 1.6, with its safe loader on), ComfyUI and diffusers load; metadata strings carry the name, step, base
+model and our resolved config. Read for resume: those formats, the WebUI's ``.pt`` (``string_to_param`` with one
+entry, loaded with ``weights_only=True``) and single-tensor files. In memory an SDXL embedding is one
+``[n, 768 + 1280]`` tensor (CLIP-L's part first), the width the WebUI checks SDXL embeddings against.
 """
 
 from __future__ import annotations
@@ -26,14 +28,17 @@ ARCHITECTURES = {
     ("sd1", "eps"): "stable-diffusion-v1",
     ("sd2", "eps"): "stable-diffusion-v2-512",
     ("sd2", "v"): "stable-diffusion-v2-768-v",
+    ("sdxl", "eps"): "stable-diffusion-xl-v1-base",
+    ("sdxl", "v"): "stable-diffusion-xl-v1-base",
 }
+SDXL_KEYS = ("clip_l", "clip_g")
 
 
 @dataclass
 class EmbeddingFile:
     """An embedding as read from disk."""
 
-    vectors: torch.Tensor  # fp32 CPU [n_vectors, dim]
+    vectors: torch.Tensor  # fp32 CPU [n_vectors, dim] (SDXL: clip_l and clip_g side by side)
     step: int = 0
     name: str | None = None
     metadata: dict[str, str] = field(default_factory=dict)
@@ -67,12 +72,25 @@ def embedding_metadata(
     return meta
 
 
-def save_embedding(path: Path, vectors: torch.Tensor, metadata: dict[str, str]) -> Path:
-    """Write ``vectors`` ``[n, dim]`` as a WebUI-loadable ``.safetensors`` embedding, atomically."""
+def save_embedding(
+    path: Path, vectors: torch.Tensor, metadata: dict[str, str], widths: dict[str, int] | None = None
+) -> Path:
+    """Write ``vectors`` ``[n, dim]`` as a WebUI-loadable ``.safetensors`` embedding, atomically.
+
+    ``widths`` names the file's tensors and their widths, which split ``vectors`` in order (default: one
+    ``emb_params``; SDXL: ``{"clip_l": 768, "clip_g": 1280}``).
+    """
     if path.suffix != ".safetensors":
         raise FormatError(f"embeddings are written as .safetensors, not {path.suffix!r} ({path})")
+    widths = widths or {TENSOR_KEY: vectors.shape[1]}
+    if sum(widths.values()) != vectors.shape[1]:
+        raise FormatError(f"embedding {path.stem}: vectors of width {vectors.shape[1]} do not split into {widths}")
+    parts, start = {}, 0
+    for key, width in widths.items():
+        parts[key] = vectors[:, start : start + width].contiguous()
+        start += width
     tensors = finite_for_saving(
-        {TENSOR_KEY: vectors}, torch.float32, f"embedding {path.stem}", "Lower train.learning_rate and train again"
+        parts, torch.float32, f"embedding {path.stem}", "Lower train.learning_rate and train again"
     )
     data = safetensors.torch.save(tensors, metadata={k: str(v) for k, v in metadata.items()})
     return write_bytes_atomic(path, data)
@@ -111,8 +129,14 @@ def _from_dict(path: Path, data: object, step: int, name: str | None, metadata: 
     if not isinstance(data, dict):
         raise FormatError(f"{path.name} holds a {type(data).__name__}, not an embedding dict")
     if "clip_l" in data and "clip_g" in data:
-        raise FormatError(f"{path.name} is an SDXL embedding (clip_l/clip_g); it cannot be trained on SD1/SD2")
-    if "string_to_param" in data:
+        parts = [data[key] for key in SDXL_KEYS]
+        if (
+            not all(isinstance(p, torch.Tensor) and p.dim() == 2 for p in parts)
+            or parts[0].shape[0] != parts[1].shape[0]
+        ):
+            raise FormatError(f"{path.name}: clip_l and clip_g must be [n_vectors, width] tensors with the same n")
+        vec = torch.cat([p.float() for p in parts], dim=1)
+    elif "string_to_param" in data:
         params = data["string_to_param"]
         if not isinstance(params, dict) or len(params) != 1:
             raise FormatError(f"{path.name}: string_to_param must hold exactly one tensor")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
 import pickle
 import tempfile
@@ -191,3 +192,16 @@ def load_torch_weights(path: Path, what: str, field: str | None = None) -> Any:
         raise FormatError(
             f"{Path(path).name} cannot be read as {what} (the file is damaged or of another kind: {exc})", field=field
         ) from exc
+
+
+def safetensors_keys(path: Path) -> set[str]:
+    """The tensor names in a ``.safetensors`` file's header, without loading tensors (empty if unreadable)."""
+    try:
+        with Path(path).open("rb") as fh:
+            size = int.from_bytes(fh.read(8), "little")
+            if not 0 < size < 100_000_000:
+                return set()
+            header = json.loads(fh.read(size))
+    except (OSError, ValueError):
+        return set()
+    return {key for key in header if key != "__metadata__"} if isinstance(header, dict) else set()

@@ -15,12 +15,21 @@ import torch
 from lib_trainer.errors import FormatError
 from lib_trainer.formats.files import finite_for_saving, write_bytes_atomic
 
-BASE_VERSIONS = {("sd1", "eps"): "sd_v1", ("sd2", "eps"): "sd_v2", ("sd2", "v"): "sd_v2_v"}
+BASE_VERSIONS = {
+    ("sd1", "eps"): "sd_v1",
+    ("sd2", "eps"): "sd_v2",
+    ("sd2", "v"): "sd_v2_v",
+    ("sdxl", "eps"): "sdxl_base_v1-0",
+    ("sdxl", "v"): "sdxl_base_v1-0",  # kohya has no SDXL v name; modelspec.prediction_type says "v"
+}
 ARCHITECTURES = {
     ("sd1", "eps"): "stable-diffusion-v1",
     ("sd2", "eps"): "stable-diffusion-v2-512",
     ("sd2", "v"): "stable-diffusion-v2-768-v",
+    ("sdxl", "eps"): "stable-diffusion-xl-v1-base",
+    ("sdxl", "v"): "stable-diffusion-xl-v1-base",
 }
+IMPLEMENTATIONS = {"sdxl": "https://github.com/Stability-AI/generative-models"}  # kohya's: SDXL keys are sgm paths
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
@@ -49,7 +58,7 @@ def network_metadata(
         "ss_resolution": f"({resolution[0]}, {resolution[1]})",
         "modelspec.sai_model_spec": "1.0.1",
         "modelspec.architecture": f"{ARCHITECTURES[(family, prediction)]}/lora",
-        "modelspec.implementation": "diffusers",
+        "modelspec.implementation": IMPLEMENTATIONS.get(family, "diffusers"),
         "modelspec.title": name,
         "modelspec.resolution": f"{resolution[0]}x{resolution[1]}",
         "modelspec.date": now.isoformat(timespec="seconds"),

@@ -61,7 +61,9 @@ class HypernetworkSpec:
     SECTION: ClassVar[str] = "hypernetwork"
 
     name: str = ""
-    sizes: str = "768, 320, 640, 1280"  # context widths: 768 (SD1 text), 1024 (SD2 text), 320/640/1280 (features)
+    # context widths: 768 (SD1 text), 1024 (SD2 text), 2048 (SDXL text), 320/640/1280 (features); "auto": the
+    # loaded model's text width and the feature widths 320/640/1280 it has (the WebUI's create default, per model)
+    sizes: str = "auto"
     layer_structure: str = "1, 2, 1"
     activation: str = "linear"
     weight_init: Literal["Normal", "XavierUniform", "XavierNormal", "KaimingUniform", "KaimingNormal"] = "Normal"
@@ -105,10 +107,21 @@ class HypernetworkSpec:
                 "hold probabilities in [0, 1)",
                 "hypernetwork.dropout_structure",
             )
-        self.size_list()
+        if not self.auto_sizes:
+            self.size_list()
 
-    def size_list(self) -> list[int]:
-        """The enabled widths as integers."""
+    @property
+    def auto_sizes(self) -> bool:
+        """Whether the sizes follow the model (``"auto"``)."""
+        return self.sizes.strip().lower() == "auto"
+
+    def size_list(self, widths: set[int] | None = None) -> list[int]:
+        """The enabled widths as integers; ``"auto"`` needs the model's attention ``widths``."""
+        if self.auto_sizes:
+            if widths is None:
+                raise ConfigError("hypernetwork.sizes 'auto' needs a loaded model", "hypernetwork.sizes")
+            text = _cross_attention_width(widths)
+            return [text] + [w for w in (320, 640, 1280) if w in widths and w != text]
         sizes = _numbers(self.sizes, "hypernetwork.sizes")
         if any(s != int(s) or s <= 0 for s in sizes):
             raise ConfigError(f"hypernetwork.sizes {self.sizes!r} must be positive whole numbers", "hypernetwork.sizes")
@@ -150,9 +163,23 @@ class OutputPaths:
     log_dir: Path
 
 
+class _Widths(set):
+    """Attention input widths, remembering the cross-attentions' (the text encoder's) width."""
+
+    text: int
+
+
 def attention_widths(parts: ModelParts) -> set[int]:
     """Widths of every attention layer's key/value input in this model (what hypernetwork sizes may be)."""
-    return {m.to_k.in_features for m in _attentions(parts.unet)}
+    attentions = _attentions(parts.unet)
+    widths = _Widths(m.to_k.in_features for m in attentions)
+    cross = [m.to_k.in_features for m in attentions if m.to_k.in_features != m.to_q.in_features]
+    widths.text = max(cross) if cross else max(widths)
+    return widths
+
+
+def _cross_attention_width(widths: set[int]) -> int:
+    return getattr(widths, "text", None) or max(widths)
 
 
 def _attentions(unet: nn.Module) -> list[nn.Module]:
@@ -166,13 +193,14 @@ class Hypernetwork:
         self.structure, self.layers = structure, layers
 
     @classmethod
-    def create(cls, spec: HypernetworkSpec, seed: int = 0) -> Hypernetwork:
-        """Fresh modules initialised as the WebUI does, from ``seed`` (the host's random state is left alone)."""
+    def create(cls, spec: HypernetworkSpec, seed: int = 0, widths: set[int] | None = None) -> Hypernetwork:
+        """Fresh modules initialised as the WebUI does, from ``seed`` (the host's random state is left alone);
+        ``widths``: the model's attention widths, for ``sizes`` "auto"."""
         structure, generator = spec.structure(), torch.Generator().manual_seed(seed)
         layers = {}
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)  # torch.nn.init's Xavier/Kaiming draw from the global generator
-            for size in spec.size_list():
+            for size in spec.size_list(widths):
                 pair = (HypernetworkModule(size, structure), HypernetworkModule(size, structure))
                 for module in pair:
                     initialize(module, structure.weight_init, structure.activation_func, generator)
@@ -275,7 +303,7 @@ class HypernetworkTrainable:
 
     def condition(self, parts: ModelParts, prompts: list[str]) -> torch.Tensor:
         """Plain prompt conditioning."""
-        return parts.text_encoder.encode(prompts)
+        return parts.condition(prompts)
 
     def file_dict(self, step: int) -> dict[Any, Any]:
         """The WebUI's dict for the current weights."""
@@ -308,7 +336,7 @@ def create_hypernetwork(spec: HypernetworkSpec, parts: ModelParts, hypernetwork_
         raise ConfigError(
             f"{path} already exists; turn on hypernetwork.overwrite or choose another name", "hypernetwork.name"
         )
-    net = Hypernetwork.create(spec, seed)
+    net = Hypernetwork.create(spec, seed, attention_widths(parts))
     data = hypernetwork_dict(net.layers, net.structure, spec.name, 0, parts.model_hash, parts.model_name, None)
     save_hypernetwork(path, data, {"trainer": "sd-webui-trainer"})
     return path
@@ -316,7 +344,7 @@ def create_hypernetwork(spec: HypernetworkSpec, parts: ModelParts, hypernetwork_
 
 def _check_sizes(spec: HypernetworkSpec, parts: ModelParts) -> None:
     widths = attention_widths(parts)
-    missing = [s for s in spec.size_list() if s not in widths]
+    missing = [s for s in spec.size_list(widths) if s not in widths]
     if missing:
         raise ConfigError(
             f"hypernetwork.sizes {missing} do not occur in this model's attention layers; this model "
@@ -366,7 +394,7 @@ def _starting_point(
         step = data.get("step")
         return net, step if isinstance(step, int) and step > 0 else 0, source
     _check_sizes(spec, parts)
-    return Hypernetwork.create(spec, config.train.seed), 0, None
+    return Hypernetwork.create(spec, config.train.seed, attention_widths(parts)), 0, None
 
 
 def prepare(config: HypernetworkConfig, parts: ModelParts, paths: OutputPaths, hooks: TrainingHooks):

@@ -4,8 +4,10 @@ lycoris-lora's built-in presets target diffusers class names, which do not exist
 a preset naming ldm classes is passed explicitly every time (presets are class-level state). Targets follow
 kohya's defaults: every Linear / 1x1 conv inside the UNet's SpatialTransformers (proj_in/out, attn1/attn2
 q/k/v/out, ff); with ``conv_rank`` > 0 also the ResBlock, Downsample and Upsample convs; the text encoder's
-CLIP attention and MLP. The network wraps module forwards (bypass) and never writes into host weights;
-detaching restores every wrapped module exactly. UNet keys are saved with diffusers-style kohya names.
+CLIP attention and MLP, and OpenCLIP's (SD2, SDXL's bigG) through HF-named views of its fused attention
+(``models.fused_attention``). The network wraps module forwards (bypass) and never writes into host weights;
+detaching restores every wrapped module exactly. UNet keys are saved with kohya's names for the family
+(diffusers-style for SD1/SD2, LDM paths for SDXL); text encoders as ``lora_te_`` or SDXL's ``lora_te1_``/``lora_te2_``.
 """
 
 from __future__ import annotations
@@ -47,13 +49,14 @@ from lib_trainer.loop.precision import resolve_precision
 from lib_trainer.loop.schedules import parse_learning_rate
 from lib_trainer.loop.train import Objective, TrainResult
 from lib_trainer.methods.common import check_log_folder, check_total_steps, resumed_step, train_on_dataset
+from lib_trainer.models.fused_attention import FusedAttentionTargets, fused_attention_patched
 from lib_trainer.models.kohya_names import UNET_PREFIX, unet_key_table
 from lib_trainer.models.parts import ModelParts
 
 ALGOS = ("lora", "locon", "loha", "lokr")
 UNET_TRANSFORMER = ["SpatialTransformer"]
 UNET_CONV_BLOCKS = ["ResBlock", "Downsample", "Upsample"]
-TEXT_ENCODER_MODULES = ["CLIPAttention", "CLIPSdpaAttention", "CLIPMLP"]
+TEXT_ENCODER_MODULES = ["CLIPAttention", "CLIPSdpaAttention", "CLIPMLP", "FusedAttentionTargets", "OpenClipMlpTargets"]
 
 
 @dataclass(frozen=True)
@@ -137,15 +140,29 @@ OWN_TARGETS = {
     "CLIPAttention": re.compile(r"q_proj|k_proj|v_proj|out_proj"),
     "CLIPSdpaAttention": re.compile(r"q_proj|k_proj|v_proj|out_proj"),
     "CLIPMLP": re.compile(r"fc1|fc2"),
+    "FusedAttentionTargets": re.compile(r"q_proj|k_proj|v_proj|out_proj"),
+    "OpenClipMlpTargets": re.compile(r"fc1|fc2"),
 }
+
+
+def check_lycoris_installed() -> None:
+    """Refuse at submit when lycoris-lora (the LoRA family math, installed by install.py) is missing."""
+    import importlib.util
+
+    if importlib.util.find_spec("lycoris") is None:
+        raise UnsupportedModelError(
+            "LoRA training needs the lycoris-lora package, which is not installed (the extension's install.py adds "
+            "it when the WebUI starts, but not under --skip-install). Restart the WebUI without --skip-install, or "
+            "run: python -m pip install lycoris-lora==4.1.3 --no-deps toml (in the WebUI's Python)"
+        )
 
 
 def check_text_encoder(config: NetworkConfig, parts: ModelParts) -> None:
     """Refuse text-encoder training where the model's text encoder is not one LoRA names exist for."""
-    if config.train_text_encoder and parts.text_encoder.hf_clip_module() is None:
+    if config.train_text_encoder and not parts.text_encoder.lora_roots():
         raise UnsupportedModelError(
-            f"text-encoder training is not supported on {parts.family.upper()} (OpenCLIP's fused attention); "
-            "turn off network.train_text_encoder to train the UNet only",
+            f"text-encoder training is not supported for this model's text encoder "
+            f"({type(parts.text_encoder).__name__}); turn off network.train_text_encoder to train the UNet only",
             "network.train_text_encoder",
         )
 
@@ -159,14 +176,14 @@ def build_network(config: NetworkConfig, parts: ModelParts, seed: int = 0):
     from lycoris.kohya import LycorisNetworkKohya
 
     check_text_encoder(config, parts)
-    te_root = parts.text_encoder.hf_clip_module()
+    te_roots = parts.text_encoder.lora_roots() if config.train_text_encoder else []
     conv = config.conv_rank > 0
     LycorisNetworkKohya.apply_preset(
         {
             "enable_conv": conv,
             "unet_target_module": UNET_TRANSFORMER + (UNET_CONV_BLOCKS if conv else []),
             "unet_target_name": [],
-            "text_encoder_target_module": TEXT_ENCODER_MODULES if te_root is not None else [],
+            "text_encoder_target_module": TEXT_ENCODER_MODULES if te_roots else [],
             "text_encoder_target_name": [],
             "module_algo_map": {},
             "name_algo_map": {},
@@ -177,7 +194,7 @@ def build_network(config: NetworkConfig, parts: ModelParts, seed: int = 0):
     with _quiet_lycoris(), torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         network = LycorisNetworkKohya(
-            te_root if te_root is not None else torch.nn.Module(),
+            (te_roots if len(te_roots) > 1 else te_roots[0]) if te_roots else torch.nn.Module(),  # list: lora_te1_/te2_
             parts.unet,
             multiplier=1.0,
             lora_dim=config.rank,
@@ -192,7 +209,7 @@ def build_network(config: NetworkConfig, parts: ModelParts, seed: int = 0):
             warn_on_unmatched=False,
         )
     unet_own = own_targets(parts.unet)
-    te_own = own_targets(te_root) if te_root is not None else set()
+    te_own = set().union(*(own_targets(root) for root in te_roots))
     network.unet_loras = [m for m in network.unet_loras if config.train_unet and id(m.org_module[0]) in unet_own]
     network.text_encoder_loras = [
         m for m in network.text_encoder_loras if config.train_text_encoder and id(m.org_module[0]) in te_own
@@ -201,7 +218,38 @@ def build_network(config: NetworkConfig, parts: ModelParts, seed: int = 0):
     file_names(network, parts)  # every target has its name before step 1
     for lora in network.loras:
         lora.to(parts.device)
+    network.trainer_fused = _fused_patches(te_roots, network.text_encoder_loras)
     return network
+
+
+def _fused_patches(roots: list[nn.Module], loras: list) -> list:
+    """For each fused attention with trained q/k/v/out views: the host attention and its four weight deltas."""
+    by_module = {id(lora.org_module[0]): lora for lora in loras}
+    patches = []
+    for root in roots:
+        for targets in root.modules():
+            if not isinstance(targets, FusedAttentionTargets):
+                continue
+            found = [by_module.get(id(getattr(targets, n))) for n in ("q_proj", "k_proj", "v_proj", "out_proj")]
+            if all(found):
+                patches.append((targets.attention[0], tuple(_weight_delta(lora) for lora in found)))
+    return patches
+
+
+def _weight_delta(lora):
+    """The weight change a lycoris module adds to its target, as its own forward computes it (x multiplier)."""
+    from lycoris.modules.locon import LoConModule
+
+    def delta() -> torch.Tensor:
+        if lora.module_dropout and lora.training and torch.rand(1) < lora.module_dropout:
+            return torch.zeros(lora.shape, device=lora.device)
+        if isinstance(lora, LoConModule):
+            weight = lora.make_weight(lora.device) * lora.scale
+        else:
+            weight = lora.get_weight(lora.shape) * lora.scalar
+        return weight.view(lora.shape) * lora.multiplier
+
+    return delta
 
 
 def own_targets(root: nn.Module) -> set[int]:
@@ -217,9 +265,14 @@ def own_targets(root: nn.Module) -> set[int]:
     return found
 
 
+def unet_names(parts: ModelParts) -> dict[str, str]:
+    """lycoris UNet module name -> kohya file name for this model (diffusers-style for SD1/SD2, LDM for SDXL)."""
+    return (parts.unet_lora_names or unet_key_table)(parts.unet)
+
+
 def file_names(network, parts: ModelParts) -> dict[str, str]:
-    """lycoris module name -> kohya file name (diffusers-style UNet paths for SD1/SD2); refuses a missing one."""
-    table = unet_key_table(parts.unet)
+    """lycoris module name -> kohya file name; refuses a module without one."""
+    table = unet_names(parts)
     paths = {id(module): name for name, module in parts.unet.named_modules()}
     names = {}
     for lora in network.loras:
@@ -228,8 +281,8 @@ def file_names(network, parts: ModelParts) -> dict[str, str]:
             if name not in table:
                 raise UnsupportedModelError(
                     f"the UNet module {paths.get(id(lora.org_module[0]), name)} has no kohya LoRA file name: this "
-                    "UNet's block layout is not SD1/SD2's, so the WebUI could not load the file. Turn off "
-                    "network.train_unet or use an SD1/SD2 checkpoint",
+                    "UNet's block layout is not SD1/SD2/SDXL's, so the WebUI could not load the file. Turn off "
+                    "network.train_unet or use an SD1, SD2 or SDXL checkpoint",
                     "network.train_unet",
                 )
             names[name] = table[name]
@@ -259,7 +312,8 @@ def attached(network) -> Iterator[None]:
     for lora in network.loras:
         lora.apply_to()
     try:
-        yield
+        with fused_attention_patched(getattr(network, "trainer_fused", [])):
+            yield
     finally:
         for lora in reversed(network.loras):
             lora.restore()
@@ -280,7 +334,7 @@ def network_tensors(network, parts: ModelParts) -> dict[str, torch.Tensor]:
 
 def load_network_tensors(network, parts: ModelParts, tensors: dict[str, torch.Tensor], source: str) -> None:
     """Load kohya-named tensors into ``network``; the key sets must match exactly."""
-    reverse = {v: k for k, v in unet_key_table(parts.unet).items()}
+    reverse = {v: k for k, v in unet_names(parts).items()}
     grouped: dict[str, dict[str, torch.Tensor]] = collections.defaultdict(dict)
     for key, value in tensors.items():
         module, _, tensor = key.partition(".")
@@ -353,7 +407,7 @@ class NetworkTrainable:
 
     def condition(self, parts: ModelParts, prompts: list[str]) -> torch.Tensor:
         """Plain prompt conditioning (the text-encoder LoRA, if any, acts inside)."""
-        return parts.text_encoder.encode(prompts)
+        return parts.condition(prompts)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """The tensors as saved."""
@@ -449,6 +503,7 @@ def _resolve_steps(config: LoraConfig, samples: list[Sample]) -> LoraConfig:
 def check(config: LoraConfig, parts: ModelParts, paths: OutputPaths) -> None:
     """Everything knowable before training, without loading the images (run when a job is queued and at its start)."""
     check_log_folder(paths.log_dir, paths.lora_dir, "LoRA")
+    check_lycoris_installed()
     resolve_precision(config.train.mixed_precision, parts.device)
     check_text_encoder(config.network, parts)
     load_template(config.data.template)

@@ -125,7 +125,7 @@ def create_embedding(config: EmbeddingConfig, parts: ModelParts, embeddings_dir:
         parts.model_hash,
         json.dumps(dataclasses.asdict(config), sort_keys=True),
     )
-    return save_embedding(path, vectors, meta)
+    return save_embedding(path, vectors, meta, parts.text_encoder.key_widths)
 
 
 def _check_name_free(embeddings_dir: Path, name: str, allow: Path | None) -> None:
@@ -169,7 +169,7 @@ class EmbeddingTrainable:
 
     def condition(self, parts: ModelParts, prompts: list[str]) -> torch.Tensor:
         """Conditioning with the vectors spliced in wherever the name appears."""
-        return parts.text_encoder.encode(prompts, {self.name: self.vectors})
+        return parts.condition(prompts, {self.name: self.vectors})
 
     def metadata(self, step: int) -> dict[str, str]:
         """Metadata strings for a file saved at ``step``."""
@@ -180,11 +180,15 @@ class EmbeddingTrainable:
 
     def save(self, step: int, resume: ResumeState) -> list[Path]:
         """A numbered copy in the run folder, the resume sidecar, then the main file."""
-        meta = self.metadata(step)
-        numbered = save_embedding(numbered_path(self.paths, self.name, step), self.vectors, meta)
+        meta, widths = self.metadata(step), self.parts.text_encoder.key_widths
+        numbered = save_embedding(numbered_path(self.paths, self.name, step), self.vectors, meta, widths)
         save_sidecar(self.main_path, resume, _checksum_of(numbered))  # read back: checked as written
-        main = save_embedding(self.main_path, self.vectors, meta)
+        main = save_embedding(self.main_path, self.vectors, meta, widths)
         return [numbered, main]
+
+    def file_tensors(self) -> dict[str, torch.Tensor]:
+        """The current vectors as the embedding file's tensors (what the host registers for previews)."""
+        return {k: v.detach().float().cpu() for k, v in self.parts.text_encoder.split_vectors(self.vectors).items()}
 
 
 def check(config: TextualInversionConfig, parts: ModelParts, paths: OutputPaths) -> None:

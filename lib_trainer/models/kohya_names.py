@@ -90,3 +90,10 @@ def unet_key_table(unet: nn.Module) -> dict[str, str]:
 def module_key_table(root: nn.Module, prefix: str) -> dict[str, str]:
     """``prefix + path with '_'`` -> the module path, for every module under ``root`` (reverse lookups)."""
     return {prefix + name.replace(".", "_"): name for name, _ in root.named_modules() if name}
+
+
+def ldm_key_table(unet: nn.Module) -> dict[str, str]:
+    """SDXL's kohya names are the LDM/sgm paths themselves (``lora_unet_input_blocks_4_1_...``): an identity table
+    over the UNet's modules, so a module outside the UNet still has no name."""
+    names = (UNET_PREFIX + name.replace(".", "_") for name, _ in unet.named_modules() if name)
+    return {name: name for name in names}

@@ -17,7 +17,8 @@ from lib_trainer.models.text import HFClipTextEncoder, OpenClipTextEncoder, Text
 def parts_from_ldm(
     sd_model: nn.Module, clip_skip: int = 1, model_name: str | None = None, model_hash: str | None = None
 ) -> ModelParts:
-    """Build ModelParts from an ldm LatentDiffusion; SDXL, inpainting and x0 models are refused."""
+    """Build ModelParts from an ldm LatentDiffusion (SD1/SD2; SDXL goes through ``models.sgm``); inpainting and
+    x0 models are refused."""
     _refuse_unsupported(sd_model)
     embedder = _ldm_embedder(sd_model)
     text_encoder, family = _text_encoder(embedder, clip_skip)
@@ -47,8 +48,7 @@ def parts_from_ldm(
 def _refuse_unsupported(sd_model: nn.Module) -> None:
     if hasattr(sd_model, "conditioner") or getattr(sd_model, "is_sdxl", False):
         raise UnsupportedModelError(
-            "the loaded model is SDXL, which this version of the trainer cannot train yet; "
-            "load an SD1.x or SD2.x checkpoint"
+            "the loaded model is SDXL (an sgm DiffusionEngine); build its parts with models.sgm.parts_from_sgm"
         )
     if not hasattr(sd_model, "cond_stage_model") or not hasattr(sd_model, "apply_model"):
         raise UnsupportedModelError(

@@ -47,6 +47,20 @@ class TextEncoder:
     eos: int
     pad: int
     comma: int
+    embedding_keys: tuple[str, ...] = ("emb_params",)  # the tensors an embedding file holds for this encoder
+
+    @property
+    def key_widths(self) -> dict[str, int]:
+        """Each embedding-file tensor's width; a trained vector ``[n, dim]`` is their concatenation in this order."""
+        return {self.embedding_keys[0]: self.dim}
+
+    def split_vectors(self, vectors: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``[n, dim]`` vectors as the embedding file's tensors (``emb_params``; SDXL: ``clip_l``, ``clip_g``)."""
+        out, start = {}, 0
+        for key, width in self.key_widths.items():
+            out[key] = vectors[:, start : start + width]
+            start += width
+        return out
 
     def tokenize(self, text: str) -> list[int]:
         """Token ids of ``text`` without BOS/EOS."""
@@ -56,13 +70,13 @@ class TextEncoder:
         """The host module that maps token ids to embeddings (hooked to splice vectors)."""
         raise NotImplementedError
 
-    def _encode_ids(self, ids: torch.Tensor) -> torch.Tensor:
-        """Encode ``[B, 77]`` ids to ``[B, 77, dim]`` hidden states as the host does."""
+    def _encode_ids(self, ids: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Encode ``[B, 77]`` ids to ``[B, 77, dim]`` hidden states as the host does (+ ``[B, p]`` pooled, if any)."""
         raise NotImplementedError
 
-    def hf_clip_module(self) -> nn.Module | None:
-        """The transformers ``CLIPTextModel`` whose module paths name kohya ``lora_te_`` keys (None: not HF CLIP)."""
-        return None
+    def lora_roots(self) -> list[nn.Module]:
+        """Module trees whose paths name kohya text-encoder LoRA keys (HF CLIP layout), one per encoder."""
+        return []
 
     def token_vectors(self, ids: Sequence[int]) -> torch.Tensor:
         """The embedding-table rows for ``ids`` as fp32 ``[len(ids), dim]`` (no gradients)."""
@@ -93,20 +107,30 @@ class TextEncoder:
 
     def encode(self, texts: Sequence[str], vectors: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
         """Conditioning ``[B, 77*k, dim]`` for ``texts``, with placeholder names replaced by ``vectors``."""
+        return self.encode_with_pooled(texts, vectors)[0]
+
+    def encode_with_pooled(
+        self, texts: Sequence[str], vectors: Mapping[str, torch.Tensor] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``encode`` and the pooled output of the first chunk (the WebUI's ``zs[0].pooled``; None without one)."""
         batch = [self.build_chunks(text, vectors) for text in texts]
         n_chunks = max(len(chunks) for chunks in batch)
-        outputs = []
+        outputs, pooled = [], None
         for i in range(n_chunks):
             column = [chunks[i] if i < len(chunks) else self.empty_chunk() for chunks in batch]
-            outputs.append(self.encode_chunks(column))
-        return torch.cat(outputs, dim=1)
+            out = self.encode_chunks(column)
+            if isinstance(out, tuple):
+                out, chunk_pooled = out
+                pooled = chunk_pooled if pooled is None else pooled
+            outputs.append(out)
+        return torch.cat(outputs, dim=1), pooled
 
     def empty_chunk(self) -> Chunk:
         """A chunk holding no text (BOS, EOS, padding)."""
         return Chunk(self._pad_ids([]))
 
-    def encode_chunks(self, chunks: Sequence[Chunk]) -> torch.Tensor:
-        """Encode one chunk per batch row, writing each chunk's spliced vectors in place."""
+    def encode_chunks(self, chunks: Sequence[Chunk]) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Encode one chunk per batch row, writing each chunk's spliced vectors in place (+ pooled, if any)."""
         ids = torch.tensor([c.ids for c in chunks], dtype=torch.long, device=self.device())
         splices = [(row, pos, vec) for row, c in enumerate(chunks) for pos, vec in c.splices]
         with self._splice_hook(splices):
@@ -218,11 +242,13 @@ class _ChunkBuilder:
 
 
 class HFClipTextEncoder(TextEncoder):
-    """SD1's text encoder: ldm ``FrozenCLIPEmbedder`` (transformers ``CLIPTextModel`` + tokenizer)."""
+    """SD1's text encoder: ldm ``FrozenCLIPEmbedder`` (transformers ``CLIPTextModel`` + tokenizer); also SDXL's
+    CLIP-L (sgm ``FrozenCLIPEmbedder``), which takes ``hidden_states[layer_idx]`` without the final LayerNorm."""
 
-    def __init__(self, embedder: nn.Module, clip_skip: int = 1):
+    def __init__(self, embedder: nn.Module, clip_skip: int = 1, layer_idx: int | None = None):
         self.embedder = embedder
         self.clip_skip = clip_skip
+        self.layer_idx = layer_idx
         tokenizer = embedder.tokenizer
         vocab = tokenizer.get_vocab()
         self.bos, self.eos = tokenizer.bos_token_id, tokenizer.eos_token_id
@@ -237,11 +263,13 @@ class HFClipTextEncoder(TextEncoder):
     def token_embedding_module(self) -> nn.Module:
         return self.embedder.transformer.text_model.embeddings.token_embedding
 
-    def hf_clip_module(self) -> nn.Module | None:
-        return self.embedder.transformer
+    def lora_roots(self) -> list[nn.Module]:
+        return [self.embedder.transformer]
 
     def _encode_ids(self, ids: torch.Tensor) -> torch.Tensor:
         transformer = self.embedder.transformer
+        if self.layer_idx is not None:
+            return transformer(input_ids=ids, output_hidden_states=True).hidden_states[self.layer_idx]
         out = transformer(input_ids=ids, output_hidden_states=self.clip_skip > 1)
         if self.clip_skip > 1:
             return transformer.text_model.final_layer_norm(out.hidden_states[-self.clip_skip])
@@ -249,7 +277,9 @@ class HFClipTextEncoder(TextEncoder):
 
 
 class OpenClipTextEncoder(TextEncoder):
-    """SD2's text encoder: ldm ``FrozenOpenCLIPEmbedder`` (open_clip model, its own layer choice)."""
+    """SD2's text encoder: ldm ``FrozenOpenCLIPEmbedder`` (open_clip model, its own layer choice); also SDXL's
+    OpenCLIP bigG (sgm ``FrozenOpenCLIPEmbedder2``), whose ``encode_with_transformer`` returns a dict with the
+    chosen ``layer`` and the ``pooled`` projection."""
 
     def __init__(self, embedder: nn.Module):
         from open_clip import tokenizer as oc_tokenizer
@@ -269,5 +299,64 @@ class OpenClipTextEncoder(TextEncoder):
     def token_embedding_module(self) -> nn.Module:
         return self.embedder.model.token_embedding
 
-    def _encode_ids(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.embedder.encode_with_transformer(ids)
+    def used_layers(self) -> int:
+        """Resblocks whose output reaches the conditioning (ldm's penultimate layer skips the last one; sgm's
+        pooled output uses them all)."""
+        if getattr(self.embedder, "legacy", True) is False or getattr(self.embedder, "layer", "") == "last":
+            return self.n_layers
+        return self.n_layers - int(getattr(self.embedder, "layer_idx", 0))
+
+    def lora_roots(self) -> list[nn.Module]:
+        from lib_trainer.models.fused_attention import hf_named_openclip
+
+        return [hf_named_openclip(self.embedder.model, self.used_layers())]
+
+    def _encode_ids(self, ids: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        out = self.embedder.encode_with_transformer(ids)
+        if isinstance(out, dict):  # sgm: {"penultimate"/"last": ..., "pooled": ...}
+            return out[self.embedder.layer], out["pooled"]
+        return out
+
+
+class DualTextEncoder(TextEncoder):
+    """SDXL's two encoders side by side: one vector ``[n, dl + dg]`` is CLIP-L's part then bigG's part.
+
+    Both use the same CLIP BPE vocabulary, so prompts chunk identically; the conditioning is their outputs
+    concatenated along the width (``crossattn``, 768 + 1280 = 2048) and bigG's pooled output. Embedding files hold
+    the parts as ``clip_l`` and ``clip_g``, as the WebUI and kohya write them.
+    """
+
+    embedding_keys = ("clip_l", "clip_g")
+
+    def __init__(self, first: TextEncoder, second: TextEncoder):
+        self.first, self.second = first, second
+        self.encoders = (first, second)
+        self.dim = first.dim + second.dim
+        self.bos, self.eos, self.pad, self.comma = first.bos, first.eos, first.pad, first.comma
+        self.clip_skip = getattr(first, "clip_skip", 1)
+
+    @property
+    def key_widths(self) -> dict[str, int]:
+        return dict(zip(self.embedding_keys, (self.first.dim, self.second.dim), strict=True))
+
+    def tokenize(self, text: str) -> list[int]:
+        return self.first.tokenize(text)
+
+    def token_embedding_module(self) -> nn.Module:
+        return self.first.token_embedding_module()
+
+    def token_vectors(self, ids: Sequence[int]) -> torch.Tensor:
+        return torch.cat([self.first.token_vectors(ids), self.second.token_vectors(ids)], dim=1)
+
+    def lora_roots(self) -> list[nn.Module]:
+        return [root for encoder in self.encoders for root in encoder.lora_roots()]
+
+    def encode_with_pooled(
+        self, texts: Sequence[str], vectors: Mapping[str, torch.Tensor] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        split = {name: self.split_vectors(vec) for name, vec in (vectors or {}).items()}
+        outs = []
+        for encoder, key in zip(self.encoders, self.embedding_keys, strict=True):
+            outs.append(encoder.encode_with_pooled(texts, {name: parts[key] for name, parts in split.items()}))
+        pooled = outs[1][1] if outs[1][1] is not None else outs[0][1]
+        return torch.cat([outs[0][0], outs[1][0].to(outs[0][0].dtype)], dim=2), pooled

@@ -40,9 +40,11 @@ from fastapi import Depends, HTTPException, Request
 from modules import call_queue, paths_internal, processing, sd_hijack, sd_samplers, shared
 
 from lib_trainer.errors import ConfigError, UnsupportedModelError
+from lib_trainer.formats.files import safetensors_keys
 from lib_trainer.loop.hooks import Progress
 from lib_trainer.models.ldm import parts_from_ldm
 from lib_trainer.models.parts import ModelParts
+from lib_trainer.models.sgm import is_sgm, parts_from_sgm
 
 
 @dataclass(frozen=True)
@@ -170,8 +172,8 @@ def model_label() -> str:
     name = getattr(info, "name_for_extra", None) or getattr(info, "model_name", "?")
     if hasattr(model, "forge_objects"):
         return f"Forge model (not supported yet) - {name}"
-    if getattr(model, "is_sdxl", False):
-        return f"SDXL (not supported yet) - {name}"
+    if is_sgm(model):
+        return f"SDXL ({getattr(model, 'parameterization', '?')}-prediction) - {name}"
     family = "SD2" if getattr(model, "is_sd2", False) else "SD1"
     skip = "" if family == "SD2" else f", WebUI Clip skip {webui_clip_skip()}"  # SD2 ignores it, as the WebUI does
     return f"{family} ({getattr(model, 'parameterization', '?')}-prediction) - {name}{skip}"
@@ -191,9 +193,29 @@ def model_parts(clip_skip: int | None = None) -> ModelParts:
         )
     skip = clip_skip or webui_clip_skip()  # 0/None: the WebUI's setting
     info = getattr(model, "sd_checkpoint_info", None)
-    return parts_from_ldm(
-        model, clip_skip=skip, model_name=getattr(info, "model_name", None), model_hash=getattr(info, "shorthash", None)
-    )
+    name, short_hash = getattr(info, "model_name", None), getattr(info, "shorthash", None)
+    if is_sgm(model):
+        return parts_from_sgm(
+            model,
+            clip_skip=skip,
+            model_name=name,
+            model_hash=short_hash,
+            clip_l_skip=bool(getattr(shared.opts, "sdxl_clip_l_skip", False)),
+            checkpoint_keys=checkpoint_markers(getattr(info, "filename", None)),
+        )
+    return parts_from_ldm(model, clip_skip=skip, model_name=name, model_hash=short_hash)
+
+
+def checkpoint_markers(filename: str | None) -> frozenset[str]:
+    """Marker keys (``v_pred``, ``ztsnr``) in the loaded checkpoint's safetensors header (none for other files)."""
+    if not filename or not str(filename).endswith(".safetensors"):
+        return frozenset()
+    return frozenset(safetensors_keys(Path(filename)) & {"v_pred", "ztsnr"})
+
+
+def native_resolution() -> int:
+    """The loaded model's training side length (SDXL 1024, else 512), for default image sizes."""
+    return 1024 if is_sgm(shared.sd_model) else 512
 
 
 def token_counter():
@@ -238,9 +260,10 @@ def unmatched_lora_keys(path: Path) -> list[str]:
     """Module names in a saved LoRA that the WebUI's own name mapping cannot place (empty = all load).
 
     Uses the built-in Lora extension's ``convert_diffusers_name_to_compvis``, its ``re_x_proj`` fallback (q/k/v
-    of SD2's fused attention) and the model's ``network_layer_mapping`` as its loader does, without its
-    LDM-name fallback, so a wrong diffusers name is reported rather than silently matched. Returns [] when the
-    Lora extension is not loaded.
+    of the fused OpenCLIP attention) and the model's ``network_layer_mapping`` as its loader does. Its LDM-name
+    fallback (``lora_unet`` -> ``diffusion_model``, ``lora_te1_text_model`` -> ``0_transformer_text_model``) is
+    how SDXL files load, so it is used for SDXL only: on SD1/SD2 a wrong diffusers name is reported rather than
+    silently matched. Returns [] when the Lora extension is not loaded.
     """
     import safetensors
 
@@ -255,11 +278,17 @@ def unmatched_lora_keys(path: Path) -> list[str]:
     x_proj = getattr(networks, "re_x_proj", None)
     with safetensors.safe_open(str(path), framework="pt", device="cpu") as fh:
         names = sorted({key.partition(".")[0] for key in fh.keys()})  # noqa: SIM118
+    sdxl = is_sgm(model)
     unmatched = []
     for name in names:
         key = networks.convert_diffusers_name_to_compvis(name, is_sd2)
         proj = x_proj.match(key) if x_proj is not None else None
-        if key not in mapping and not (proj and proj.group(1) in mapping):
+        if key in mapping or (proj and proj.group(1) in mapping):
+            continue
+        fallback = name.replace("lora_unet", "diffusion_model").replace(
+            "lora_te1_text_model", "0_transformer_text_model"
+        )
+        if not (sdxl and fallback in mapping):
             unmatched.append(name)
     return unmatched
 
@@ -314,11 +343,14 @@ def show_image(image: Any) -> None:
     shared.state.assign_current_image(image)
 
 
-def register_embedding(name: str, vectors: Any) -> None:
-    """Make the current vectors usable as ``name`` in prompts (for previews), replacing a loaded one."""
+def register_embedding(name: str, tensors: dict[str, Any]) -> None:
+    """Make the current vectors usable as ``name`` in prompts (for previews), replacing a loaded one.
+
+    ``tensors`` is what the file holds: ``{"emb_params": [n, d]}``, or SDXL's ``{"clip_l", "clip_g"}``.
+    """
     from modules.textual_inversion import textual_inversion as host_ti  # absent in Forge main: import on use
 
-    embedding = host_ti.create_embedding_from_data({"emb_params": vectors.detach().float().cpu()}, name)
+    embedding = host_ti.create_embedding_from_data(dict(tensors), name)
     sd_hijack.model_hijack.embedding_db.register_embedding_by_name(embedding, shared.sd_model, name)
     reset_conditioning_cache()
 

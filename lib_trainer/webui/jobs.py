@@ -33,6 +33,7 @@ from lib_trainer.loop.hooks import Progress, TrainingHooks
 from lib_trainer.methods import hypernetwork as hn
 from lib_trainer.methods import lora
 from lib_trainer.methods import textual_inversion as ti
+from lib_trainer.webui.form import size_defaults
 
 MAX_FINISHED_JOBS = 50  # finished jobs kept in memory (their files and previews stay on disk)
 WORKER_IDLE_S = 5.0
@@ -217,7 +218,7 @@ class JobHooks(TrainingHooks):
         embedding is registered with the host under its name."""
         if hasattr(state, "for_preview"):
             return state.for_preview()
-        self.host.register_embedding(self.name, state.parameters()[0])
+        self.host.register_embedding(self.name, state.file_tensors())
         return contextlib.nullcontext()
 
 
@@ -252,11 +253,13 @@ class JobManager:
         if not isinstance(method, str) or method not in METHODS:
             raise ConfigError(f"method {method!r} is unknown; valid methods: {', '.join(METHODS)}", field="method")
         spec = METHODS[method]
+        if spec.module is not None:
+            config = self._with_model_sizes(config)
         parsed = spec.config.from_dict(config)
         if spec.module is None:
             preview_config = None
         else:
-            preview_config = PreviewConfig.from_dict(preview if preview is not None else {"enabled": False})
+            preview_config = PreviewConfig.from_dict(self._with_preview_size(preview))
             self._check_sampler(preview_config)
             parsed = self._with_host_defaults(parsed)
         check_paths(parsed, self.host.allowed_roots())
@@ -274,6 +277,29 @@ class JobManager:
                 f"preview.sampler {preview.sampler!r} is not a sampler of this WebUI; use one of {', '.join(names)}",
                 field="preview.sampler",
             )
+
+    def _with_preview_size(self, preview: Any) -> Any:
+        """A preview without width/height renders at the loaded model's size."""
+        if preview is None:
+            return {"enabled": False}
+        sizes = {
+            k[len("preview.") :]: v
+            for k, v in size_defaults(self.host.native_resolution()).items()
+            if k.startswith("preview.")
+        }
+        return {**sizes, **preview} if isinstance(preview, dict) else preview
+
+    def _with_model_sizes(self, config: Any) -> Any:
+        """Image sizes not given follow the loaded model (``form.size_defaults``: 1024 on SDXL, else 512)."""
+        data = config.get("data") if isinstance(config, dict) else None
+        sizes = {
+            k[len("data.") :]: v
+            for k, v in size_defaults(self.host.native_resolution()).items()
+            if k.startswith("data.")
+        }
+        if not isinstance(data, dict) or not sizes:
+            return config
+        return {**config, "data": {**sizes, **data}}
 
     def _with_host_defaults(self, config: Any) -> Any:
         """Settings that follow the host unless given: clip skip 0 = the WebUI's Clip skip setting."""
