@@ -22,6 +22,7 @@ from PIL import Image  # noqa: E402
 from lib_trainer.models.ldm import parts_from_ldm  # noqa: E402
 from tests.support import fake_webui  # noqa: E402
 from tests.support.models import build_model  # noqa: E402
+from tests.support.sdxl import build_sdxl  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -40,6 +41,12 @@ def sd1_model(model_workdir: Path):
 def sd2_model(model_workdir: Path):
     """Tiny SD2 LatentDiffusion (FrozenOpenCLIPEmbedder, v-prediction, linear proj_in/out)."""
     return build_model("sd2", "tiny", model_workdir)
+
+
+@pytest.fixture(scope="session")
+def sdxl_model(model_workdir: Path):
+    """A tiny SDXL (sgm DiffusionEngine stand-in over real UNet/CLIP/OpenCLIP/VAE classes), eps-prediction."""
+    return build_sdxl("tiny", model_workdir)
 
 
 @pytest.fixture(params=["sd1", "sd2"])

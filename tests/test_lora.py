@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lib_trainer.errors import ConfigError, TrainerError, UnsupportedModelError
+from lib_trainer.errors import ConfigError, TrainerError
 from lib_trainer.formats.lora import read_network, save_network
 from lib_trainer.loop.train import train
 from lib_trainer.methods.lora import (
@@ -119,10 +119,10 @@ def test_saved_file_reloads_and_means_what_was_trained(sd1_model, algo, conv, tm
     merged = parts_from_ldm(merged_model)
     modules = {
         **{f"unet.{k}": v for k, v in merged.unet.named_modules()},
-        **{f"te.{k}": v for k, v in merged.text_encoder.hf_clip_module().named_modules()},
+        **{f"te.{k}": v for k, v in merged.text_encoder.lora_roots()[0].named_modules()},
     }
     names = {k: f"unet.{v}" for k, v in kohya_unet_names(merged.unet, 1).items()}
-    names.update({k: f"te.{v}" for k, v in module_key_table(merged.text_encoder.hf_clip_module(), "lora_te_").items()})
+    names.update({k: f"te.{v}" for k, v in module_key_table(merged.text_encoder.lora_roots()[0], "lora_te_").items()})
     assert merge_into(modules, tensors, names) == []
     torch.testing.assert_close(model_output(merged, x, t), trained, rtol=1e-4, atol=1e-5)
 
@@ -270,10 +270,19 @@ def test_bad_network_settings(network, message, tmp_path):
         LoraConfig.from_dict(lora_request(tmp_path, **network))
 
 
-def test_text_encoder_training_on_sd2_is_refused(sd2_model, image_dir, tmp_path):
-    config = LoraConfig.from_dict(lora_request(image_dir, train_text_encoder=True))
-    with pytest.raises(UnsupportedModelError, match="OpenCLIP"):
-        train_lora(config, parts_from_ldm(sd2_model), OutputPaths(tmp_path / "Lora", tmp_path / "log"))
+def test_sd2_text_encoder_lora_writes_q_k_v_and_out_of_each_fused_attention(sd2_model, image_dir, tmp_path):
+    paths = OutputPaths(tmp_path / "Lora", tmp_path / "log")
+    parts = parts_from_ldm(sd2_model)
+    before = state_fingerprint(sd2_model)
+    train_lora(LoraConfig.from_dict(lora_request(image_dir, train_text_encoder=True)), parts, paths)
+    tensors, _ = read_network(paths.lora_dir / "zqnet.safetensors")
+    te = {k.partition(".")[0] for k in tensors if k.startswith("lora_te_")}
+    layers = len(sd2_model.cond_stage_model.model.transformer.resblocks) - 1  # penultimate: the last is unused
+    kinds = ["self_attn_q_proj", "self_attn_k_proj", "self_attn_v_proj", "self_attn_out_proj", "mlp_fc1", "mlp_fc2"]
+    assert te == {f"lora_te_text_model_encoder_layers_{i}_{k}" for i in range(layers) for k in kinds}
+    after = state_fingerprint(sd2_model)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert not any("forward" in m.__dict__ for m in sd2_model.modules())
 
 
 def test_sd2_unet_lora_saves_v2_metadata(sd2_model, image_dir, tmp_path):

@@ -49,9 +49,9 @@ def test_latents_match_ldm_encoding(sd_model, parts):
     torch.testing.assert_close(std, dist.std)
 
 
-def test_sdxl_is_refused_clearly():
+def test_sdxl_is_left_to_the_sgm_adapter():
     sdxl = types.SimpleNamespace(conditioner=object(), is_sdxl=True)
-    with pytest.raises(UnsupportedModelError, match=r"SDXL.*SD1\.x or SD2\.x"):
+    with pytest.raises(UnsupportedModelError, match=r"SDXL.*parts_from_sgm"):
         parts_from_ldm(sdxl)
 
 

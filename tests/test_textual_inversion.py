@@ -123,8 +123,8 @@ def test_reads_webui_pt_and_kohya_files(tmp_path):
     kohya = read_embedding(tmp_path / "kohya.safetensors")
     assert kohya.step == 7
     assert torch.equal(kohya.vectors, vec)
-    with pytest.raises(TrainerError, match="SDXL"):
-        read_embedding(tmp_path / "sdxl.safetensors")
+    sdxl = read_embedding(tmp_path / "sdxl.safetensors")  # SDXL: clip_l's part, then clip_g's
+    assert torch.equal(sdxl.vectors, torch.cat([vec, vec], dim=1))
 
 
 def test_training_saves_numbered_copies_log_and_main_file(parts, image_dir, paths):

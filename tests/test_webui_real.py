@@ -21,6 +21,8 @@ pytestmark = [pytest.mark.webui, pytest.mark.skipif(not WEBUI, reason="set SD_WE
 
 CHECK = r"""
 import inspect, json, sys
+import torch
+SIZE_KEYS = ("original_size_as_tuple", "crop_coords_top_left", "target_size_as_tuple")
 sys.argv = [sys.argv[0]]
 from modules import initialize, shared_init
 initialize.imports()
@@ -33,6 +35,37 @@ import lib_trainer.webui.host as host  # our glue imports cleanly against the re
 sys.path.insert(0, "extensions-builtin/Lora")
 import networks  # the built-in Lora extension's module, as host.py finds it in sys.modules
 db = sd_hijack.model_hijack.embedding_db
+
+
+def sdxl_surface():
+    # what lib_trainer/models/sgm.py (and the stand-in in tests/support/sdxl.py) read, on the real classes
+    from sgm.models import autoencoder, diffusion
+    from sgm.modules.encoders import modules as enc
+    from modules import sd_hijack_clip, sd_hijack_open_clip, sd_models_xl
+    src = lambda obj: inspect.getsource(obj)
+    wrapper_init = src(sd_hijack_clip.FrozenCLIPEmbedderWithCustomWordsBase.__init__)
+    first_stage = getattr(autoencoder, "AutoencoderKLInferenceWrapper", None) or autoencoder.AutoencoderKL
+    return [
+        "self.embedders" in src(enc.GeneralConditioner.__init__),
+        "input_key" in src(enc.AbstractEmbModel),
+        all(f"self.{a}" in src(enc.FrozenCLIPEmbedder.__init__)
+            for a in ("tokenizer", "transformer", "layer", "layer_idx")),
+        all(f"self.{a}" in src(enc.FrozenOpenCLIPEmbedder2.__init__) for a in ("model", "layer", "legacy")),
+        all(k in src(enc.FrozenOpenCLIPEmbedder2.encode_with_transformer) for k in ('"pooled"', "self.legacy")),
+        '"penultimate"' in src(enc.FrozenOpenCLIPEmbedder2.text_transformer_forward),
+        "outdim" in src(enc.ConcatTimestepEmbedderND.__init__) and callable(enc.ConcatTimestepEmbedderND.forward),
+        "self.wrapped" in wrapper_init and "input_key" in wrapper_init,
+        issubclass(sd_hijack_clip.FrozenCLIPEmbedderForSDXLWithCustomWords, torch.nn.Module),
+        issubclass(sd_hijack_open_clip.FrozenOpenCLIPEmbedder2WithCustomWords, torch.nn.Module),
+        all(k in src(sd_models_xl.extend_sdxl) for k in ("parameterization", "alphas_cumprod", "VScaling")),
+        all(k in src(sd_models_xl.get_learned_conditioning) for k in SIZE_KEYS),
+        callable(getattr(diffusion.DiffusionEngine, "apply_model", None)),
+        all(a in src(diffusion.DiffusionEngine) for a in ("self.conditioner", "self.first_stage_model",
+                                                                  "self.scale_factor", "self.denoiser")),
+        "self.quant_conv" in src(autoencoder) and "self.encoder" in src(autoencoder),
+        first_stage is not None,
+        "sdxl_clip_l_skip" in src(sd_hijack_clip),
+    ]
 state = shared.state
 params = lambda f: list(inspect.signature(f).parameters)
 print(json.dumps({
@@ -59,6 +92,7 @@ print(json.dumps({
     "callbacks": all(callable(getattr(script_callbacks, n, None))
                      for n in ("on_ui_tabs", "on_ui_settings", "on_app_started")),
     "host_imported": host.__name__,
+    "sdxl": sdxl_surface(),
     "extras": [hasattr(scripts_postprocessing, "ScriptPostprocessing"), callable(ui_components.InputAccordion),
                isinstance(paths_internal.models_path, str)]
               + [callable(getattr(shared.interrogator, n, None))

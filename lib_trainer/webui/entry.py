@@ -68,7 +68,7 @@ def on_ui_tabs():
     """The Trainer tab."""
     from lib_trainer.webui.ui import create_tab
 
-    tab = create_tab(manager(), ACTIONS, host.model_label, host.sampler_names())
+    tab = create_tab(manager(), ACTIONS, host.model_label, host.sampler_names(), host.native_resolution)
     return [(tab, "Trainer", "trainer")]
 
 

@@ -106,7 +106,7 @@ LORA_FIELDS: tuple[FormField, ...] = (
     FormField("network.rank_dropout", "Rank dropout", "slider", 0.0, 0.95, 0.05),
     FormField("network.module_dropout", "Module dropout", "slider", 0.0, 0.95, 0.05),
     FormField("network.train_unet", "Train the UNet", "checkbox"),
-    FormField("network.train_text_encoder", "Train the text encoder (SD1)", "checkbox"),
+    FormField("network.train_text_encoder", "Train the text encoder(s) (SDXL: both)", "checkbox"),
     FormField("network.text_encoder_lr", "Text encoder LR (0 = same as UNet)", "number", 0.0, 1.0),
     FormField("network.stop_text_encoder_at", "Stop training the text encoder at step (0 = never)", "int", 0),
     FormField("network.save_precision", "Save precision", "radio", choices=("fp16", "bf16", "fp32")),
@@ -119,7 +119,11 @@ LORA_FIELDS: tuple[FormField, ...] = (
 )
 HN_FIELDS: tuple[FormField, ...] = (
     FormField("hypernetwork.name", "Name (used as <hypernet:name:1>)", "text"),
-    FormField("hypernetwork.sizes", "Sizes (768 SD1 text, 1024 SD2 text, 320/640/1280 features)", "text"),
+    FormField(
+        "hypernetwork.sizes",
+        "Sizes ('auto' = the model's; 768 SD1 / 1024 SD2 / 2048 SDXL text, 320/640/1280 features)",
+        "text",
+    ),
     FormField("hypernetwork.layer_structure", "Layer structure", "text", info="e.g. 1, 2, 1 (starts and ends with 1)"),
     FormField(
         "hypernetwork.activation",
@@ -172,6 +176,21 @@ FORMS: dict[str, tuple[type, tuple[FormField, ...]]] = {
     "preprocess": (PreprocessConfig, PREPROCESS_FIELDS),
 }
 NOT_IN_FORM = {"version"}  # set by the extension itself
+
+
+def size_defaults(side: int) -> dict[str, int]:
+    """Image sizes that follow the loaded model when not given: its training side (SDXL 1024), buckets from half
+    to twice that side, previews at it. Empty for 512 (the config defaults already)."""
+    if side == 512:
+        return {}
+    return {
+        "data.width": side,
+        "data.height": side,
+        "data.bucket_min_side": side // 2,
+        "data.bucket_max_side": 2 * side,
+        "preview.width": side,
+        "preview.height": side,
+    }
 
 
 def config_paths(cls: type = TextualInversionConfig, prefix: str = "") -> list[str]:

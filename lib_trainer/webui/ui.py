@@ -14,7 +14,7 @@ from typing import Any
 import gradio as gr
 
 from lib_trainer.errors import TrainerError
-from lib_trainer.webui.form import FORMS, FormField, default_values, to_config_dict
+from lib_trainer.webui.form import FORMS, FormField, default_values, size_defaults, to_config_dict
 from lib_trainer.webui.jobs import JobManager
 
 PREVIEW_DEFAULTS = {
@@ -59,9 +59,14 @@ def build_component(field: FormField, value: Any, method: str) -> gr.components.
 
 
 def create_tab(
-    manager: JobManager, actions: dict[str, Callable[[dict], Any]], model_label: Callable[[], str], samplers: list[str]
+    manager: JobManager,
+    actions: dict[str, Callable[[dict], Any]],
+    model_label: Callable[[], str],
+    samplers: list[str],
+    model_side: Callable[[], int] = lambda: 512,
 ) -> gr.Blocks:
-    """Build the Trainer tab's Blocks. ``actions``: "embedding"/"hypernetwork" create files, "report" checks data."""
+    """Build the Trainer tab's Blocks. ``actions``: "embedding"/"hypernetwork" create files, "report" checks data;
+    ``model_side``: the loaded model's training side, which the size controls start at."""
     with gr.Blocks(analytics_enabled=False) as tab, gr.Column(elem_id="trainer_root"):
         model_info = gr.Markdown(elem_id="trainer_model_info")
         job_id = gr.Textbox(visible=False, elem_id="trainer_job_id")
@@ -99,8 +104,27 @@ def create_tab(
         _wire_create(actions["hypernetwork"], create_hn, forms["hypernetwork"], status, "hypernetwork")
         for method, components in forms.items():
             _wire_report(actions["report"], checks[method], components, status)
-        tab.load(fn=lambda: f"**Loaded model:** {model_label()}", inputs=[], outputs=[model_info])
+        sized = [(f"preview.{k}", c) for k, c in preview.items() if k in ("width", "height")]
+        size_paths = set(size_defaults(1024))
+        sized += [(p, c) for components in forms.values() for p, c in components.items() if p in size_paths]
+        tab.load(
+            fn=lambda: _on_load(model_label, model_side, sized),
+            inputs=[],
+            outputs=[model_info, *(c for _, c in sized)],
+        )
     return tab
+
+
+def _on_load(model_label: Callable[[], str], model_side: Callable[[], int], sized: list) -> list:
+    """The model line, and size controls at the loaded model's defaults (SDXL: 1024); others unchanged."""
+    try:
+        defaults = size_defaults(model_side())
+    except Exception:  # no model loaded yet: keep the form's values
+        defaults = {}
+    return [
+        f"**Loaded model:** {model_label()}",
+        *(gr.update(value=defaults[p]) if p in defaults else gr.update() for p, _ in sized),
+    ]
 
 
 def _method_controls(method: str) -> dict[str, gr.components.Component]:

@@ -108,7 +108,9 @@ class FakeEmbedding:
 
 
 def create_embedding_from_data(data, name, filename="unknown embedding file", filepath=None):
-    """Same acceptance rule as the WebUI's: one tensor per file."""
+    """Same acceptance rule as the WebUI's: SDXL's clip_l + clip_g (every value a tensor), else one tensor."""
+    if "clip_l" in data and "clip_g" in data:
+        return FakeEmbedding({k: v.detach() for k, v in data.items()}, name)
     assert len(data) == 1, "embedding file has multiple terms in it"
     return FakeEmbedding(next(iter(data.values())), name)
 

@@ -157,10 +157,11 @@ def _save_clip(folder: Path, spec: dict) -> None:
     CLIPTextModel(text_config).save_pretrained(folder)
 
 
-def _openclip_config(spec: dict) -> dict:
+def register_openclip(name: str, spec: dict) -> str:
+    """Register a random-init open_clip config (text width/heads/layers from ``spec``) and return its arch."""
     import open_clip
 
-    arch = f"trainer-test-openclip-{spec['width']}-{spec['layers']}"
+    arch = f"trainer-test-{name}-{spec['width']}-{spec['layers']}"
     open_clip.factory._MODEL_CONFIGS[arch] = {
         "embed_dim": spec["width"],
         "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 16},
@@ -172,6 +173,11 @@ def _openclip_config(spec: dict) -> dict:
             "layers": spec["layers"],
         },
     }
+    return arch
+
+
+def _openclip_config(spec: dict) -> dict:
+    arch = register_openclip("openclip", spec)
     return {
         "target": "ldm.modules.encoders.modules.FrozenOpenCLIPEmbedder",
         "params": {"arch": arch, "version": None, "device": "cpu", "freeze": True, "layer": "penultimate"},

@@ -92,19 +92,35 @@ def convert_diffusers_name_to_compvis(key: str, is_sd2: bool) -> str:
 
 
 def network_layer_mapping(sd_model) -> dict[str, object]:
-    """``assign_network_names_to_compvis_modules`` for SD1/SD2: text-encoder and UNet-wrapper module paths."""
+    """``assign_network_names_to_compvis_modules``: text-encoder and UNet-wrapper module paths; on SDXL each
+    wrapped text embedder's paths get its conditioner index as prefix (``0_transformer_...``, ``1_model_...``)."""
+    if hasattr(sd_model, "conditioner"):
+        mapping = {
+            f"{i}_{name.replace('.', '_')}": module
+            for i, embedder in enumerate(sd_model.conditioner.embedders)
+            if hasattr(embedder, "wrapped")
+            for name, module in embedder.wrapped.named_modules()
+        }
+        mapping.update({name.replace(".", "_"): module for name, module in sd_model.model.named_modules()})
+        return mapping
     cond = getattr(sd_model.cond_stage_model, "wrapped", sd_model.cond_stage_model)
     mapping = {name.replace(".", "_"): module for name, module in cond.named_modules()}
     mapping.update({name.replace(".", "_"): module for name, module in sd_model.model.named_modules()})
     return mapping
 
 
-def unmatched(keys: list[str], mapping: dict[str, object], is_sd2: bool) -> list[str]:
-    """The module names of ``keys`` the WebUI would drop (without its LDM-name fallback)."""
+def unmatched(keys: list[str], mapping: dict[str, object], is_sd2: bool, sdxl: bool = False) -> list[str]:
+    """The module names of ``keys`` the WebUI would drop (its LDM-name fallback only with ``sdxl``, where SDXL
+    files rely on it: ``lora_unet`` -> ``diffusion_model``, ``lora_te1_text_model`` -> ``0_transformer_text_model``)."""
     missing = []
     for name in sorted({key.partition(".")[0] for key in keys}):
         converted = convert_diffusers_name_to_compvis(name, is_sd2)
         proj = X_PROJ.match(converted)
-        if converted not in mapping and not (proj and proj[1] in mapping):
+        if converted in mapping or (proj and proj[1] in mapping):
+            continue
+        fallback = name.replace("lora_unet", "diffusion_model").replace(
+            "lora_te1_text_model", "0_transformer_text_model"
+        )
+        if not (sdxl and fallback in mapping):
             missing.append(name)
     return missing
