@@ -1,9 +1,10 @@
 """Step time and peak memory per training method, on the device at hand. Prints a table; asserts nothing.
 
-CPU: the tiny test models. CUDA: also SD1.5- and SD2.1-sized models with random weights built from configs
-(no downloads), in fp16 storage like the WebUI's default, trained under autocast.
+CPU: the tiny test models (SD1, SD2-v, SDXL). CUDA: also SD1.5-, SD2.1- and SDXL-base-sized models with random
+weights built from configs (no downloads; SDXL at 1024 px), in fp16 storage like the WebUI's default, trained under
+autocast (``--precision bf16`` for bf16).
 
-    .venv-test/bin/python bench/step_time.py [--steps 20] [--sizes tiny,full] [--device cuda]
+    .venv-test/bin/python bench/step_time.py [--steps 20] [--sizes tiny,full] [--families sd1,sd2,sdxl] [--device cuda]
 
 It needs the test stack (ldm, open_clip, transformers): ``bash tests/run.sh`` builds it in ``.venv-test``.
 """
@@ -49,7 +50,16 @@ from lib_trainer.methods.textual_inversion import (  # noqa: E402
 )
 from lib_trainer.models.diffusion import DiffusionObjective  # noqa: E402
 from lib_trainer.models.ldm import parts_from_ldm  # noqa: E402
+from lib_trainer.models.sgm import is_sgm, parts_from_sgm  # noqa: E402
 from tests.support.models import SIZES, build_model  # noqa: E402
+from tests.support.sdxl import build_sdxl  # noqa: E402
+
+SDXL_SIDE = {"tiny": 64, "full": 1024}
+
+
+def model_parts(model):
+    """The trainer's view of a benchmark model (SD1/SD2 ldm or SDXL sgm)."""
+    return parts_from_sgm(model) if is_sgm(model) else parts_from_ldm(model)
 
 
 class RandomLatents:
@@ -84,7 +94,7 @@ def bench_textual_inversion(
     model, side: int, batch: int, steps: int, precision: str, workdir: Path
 ) -> tuple[float, float]:
     """Milliseconds per step (median after warm-up) and peak memory in MiB for textual inversion."""
-    parts = parts_from_ldm(model)
+    parts = model_parts(model)
     config = build(
         TextualInversionConfig,
         {
@@ -109,7 +119,7 @@ def bench_lora(
     model, side: int, batch: int, steps: int, precision: str, workdir: Path, algo: str = "lora"
 ) -> tuple[float, float]:
     """Milliseconds per step and peak memory for a rank-16 LoRA/LyCORIS network on the UNet (kohya's targets)."""
-    parts = parts_from_ldm(model)
+    parts = model_parts(model)
     config = build(
         lora.LoraConfig,
         {
@@ -150,7 +160,7 @@ def _time_steps(parts, trainable, side: int, batch: int, train_config) -> tuple[
 
 def bench_hypernetwork(model, side: int, batch: int, steps: int, precision: str, workdir: Path) -> tuple[float, float]:
     """Milliseconds per step and peak memory for a 1-2-1 hypernetwork on every attention width of the model."""
-    parts = parts_from_ldm(model)
+    parts = model_parts(model)
     widths = ", ".join(str(w) for w in sorted(hypernetwork.attention_widths(parts)))
     config = build(
         hypernetwork.HypernetworkConfig,
@@ -190,20 +200,23 @@ def main() -> None:
     parser.add_argument("--sizes", default="tiny,full" if torch.cuda.is_available() else "tiny")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--families", default="sd1,sd2,sdxl")
+    parser.add_argument("--precision", default="auto", help="on CUDA: auto (fp16 autocast), bf16, fp16 or no")
     args = parser.parse_args()
     device = torch.device(args.device)
     memory = "peak CUDA MiB" if device.type == "cuda" else "peak RSS MiB (process)"
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for size in args.sizes.split(","):
-            for family in ("sd1", "sd2"):
-                side = SIZES[size]["image"]
+            for family in args.families.split(","):
+                side = SDXL_SIDE[size] if family == "sdxl" else SIZES[size]["image"]
                 with contextlib.redirect_stdout(sys.stderr):  # ldm prints while building
-                    model = build_model(family, size, Path(tmp))
+                    model = build_sdxl(size, Path(tmp)) if family == "sdxl" else build_model(family, size, Path(tmp))
                     precision = "no"
                     if device.type == "cuda":
-                        model = model.half().to(device)  # the WebUI's default storage
-                        precision = "auto"
+                        dtype = torch.bfloat16 if args.precision == "bf16" else torch.float16
+                        model = model.to(dtype).to(device)  # the WebUI's default storage (fp16)
+                        precision = args.precision
                     for method in args.methods.split(","):
                         ms, mib = METHODS[method](model, side // 8, args.batch, args.steps, precision, Path(tmp))
                         row = (method, family, size, f"{side}px", str(device), precision, args.batch)

@@ -26,9 +26,22 @@ from tests.support.stack import prepare_stack
 from tests.support.tokenizer import write_clip_tokenizer
 
 SIZE_KEYS = ("original_size_as_tuple", "crop_coords_top_left", "target_size_as_tuple")
+TINY_TEXT = {"clip_l": {"width": 32, "layers": 3, "heads": 4}, "clip_g": {"width": 48, "layers": 3, "heads": 4}}
+TINY_VAE = {"ch": 32, "ch_mult": [1, 1, 1, 1], "num_res_blocks": 1, "resolution": 64}
 LAYOUTS = {
     # tiny: SDXL's shape (no attention on level 0) at the smallest size that trains fast
-    "tiny": {"channel_mult": [1, 2], "num_res_blocks": 1, "attention_resolutions": [2], "depths": [0, 1], "mid": 1},
+    "tiny": {
+        "channel_mult": [1, 2],
+        "num_res_blocks": 1,
+        "attention_resolutions": [2],
+        "depths": [0, 1],
+        "mid": 1,
+        "channels": 32,
+        "head_channels": 8,
+        "text": TINY_TEXT,
+        "size_outdim": 8,
+        "vae": TINY_VAE,
+    },
     # layout: SDXL's real block layout (3 levels, 2 res blocks, transformer depths 0/2/10, middle 10), tiny widths
     "layout": {
         "channel_mult": [1, 2, 4],
@@ -36,11 +49,29 @@ LAYOUTS = {
         "attention_resolutions": [4, 2],
         "depths": [0, 2, 10],
         "mid": 10,
+        "channels": 32,
+        "head_channels": 8,
+        "text": TINY_TEXT,
+        "size_outdim": 8,
+        "vae": TINY_VAE,
+    },
+    # full: SDXL base's sizes (2.6 B UNet, CLIP-L 768 x 12, bigG 1280 x 32), random weights, for GPU benchmarks
+    "full": {
+        "channel_mult": [1, 2, 4],
+        "num_res_blocks": 2,
+        "attention_resolutions": [4, 2],
+        "depths": [0, 2, 10],
+        "mid": 10,
+        "channels": 320,
+        "head_channels": 64,
+        "size_outdim": 256,
+        "text": {
+            "clip_l": {"width": 768, "layers": 12, "heads": 12},
+            "clip_g": {"width": 1280, "layers": 32, "heads": 20},
+        },
+        "vae": {"ch": 128, "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "resolution": 256},
     },
 }
-CLIP_L = {"width": 32, "layers": 3, "heads": 4}
-CLIP_G = {"width": 48, "layers": 3, "heads": 4}
-SIZE_OUTDIM = 8  # sgm: 256
 
 
 class SgmCLIPEmbedder(nn.Module):
@@ -159,28 +190,27 @@ class DiffusionEngine(nn.Module):
 
 
 def build_sdxl(size: str, workdir: Path, seed: int = 0, prediction: str = "eps") -> DiffusionEngine:
-    """A tiny SDXL ``DiffusionEngine`` stand-in at ``size`` ("tiny" or "layout"), random weights, deterministic."""
+    """An SDXL ``DiffusionEngine`` stand-in at ``size`` ("tiny", "layout" or "full"), random weights, deterministic."""
     prepare_stack()
     from ldm.util import instantiate_from_config
 
-    folder = workdir / f"sdxl-clip-l-{CLIP_L['width']}-{CLIP_L['layers']}"
+    layout = LAYOUTS[size]
+    clip_l, clip_g = layout["text"]["clip_l"], layout["text"]["clip_g"]
+    folder = workdir / f"sdxl-clip-l-{clip_l['width']}-{clip_l['layers']}"
     if not (folder / "config.json").exists():
         write_clip_tokenizer(folder)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(4321)
-            _save_clip(folder, CLIP_L)
-    arch = register_openclip("openclip-g", CLIP_G)
-    layout = LAYOUTS[size]
-    context = CLIP_L["width"] + CLIP_G["width"]
-    adm = CLIP_G["width"] + len(SIZE_KEYS) * 2 * SIZE_OUTDIM
+            _save_clip(folder, clip_l)
+    arch = register_openclip("openclip-g", clip_g)
+    context = clip_l["width"] + clip_g["width"]
+    adm = clip_g["width"] + len(SIZE_KEYS) * 2 * layout["size_outdim"]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         unet = _unet(layout, context, adm)
-        vae = instantiate_from_config(
-            _vae_config({"vae": {"ch": 32, "ch_mult": [1, 1, 1, 1], "num_res_blocks": 1, "resolution": 64}})
-        )
-        text = [SgmCLIPEmbedder(folder, layer_idx=CLIP_L["layers"] - 1), SgmOpenCLIPEmbedder2(arch)]
-        sizes = [ConcatTimestepEmbedderND(SIZE_OUTDIM, key) for key in SIZE_KEYS]
+        vae = instantiate_from_config(_vae_config({"vae": layout["vae"]}))
+        text = [SgmCLIPEmbedder(folder, layer_idx=clip_l["layers"] - 1), SgmOpenCLIPEmbedder2(arch)]
+        sizes = [ConcatTimestepEmbedderND(layout["size_outdim"], key) for key in SIZE_KEYS]
         conditioner = GeneralConditioner([WebuiTextWrapper(e) for e in text] + sizes)
         model = DiffusionEngine(unet, conditioner, vae, prediction).eval()
     reinit_zero_weights(model, seed)
@@ -198,11 +228,11 @@ def _unet(layout: dict, context: int, adm: int) -> nn.Module:
         image_size=8,
         in_channels=4,
         out_channels=4,
-        model_channels=32,
+        model_channels=layout["channels"],
         channel_mult=layout["channel_mult"],
         num_res_blocks=layout["num_res_blocks"],
         attention_resolutions=layout["attention_resolutions"],
-        num_head_channels=8,
+        num_head_channels=layout["head_channels"],
         use_spatial_transformer=True,
         use_linear_in_transformer=True,
         transformer_depth=max(max(layout["depths"]), layout["mid"]),
