@@ -170,11 +170,34 @@ class View:
         (lambda m: View(m, is_ssd=True), "SSD-1B"),
         (lambda m: View(m, conditioner=View(m.conditioner, embedders=list(m.conditioner.embedders)[1:])), "refiner"),
         (lambda m: View(m, parameterization="x0"), "eps- and v-prediction"),
+        (
+            lambda m: View(
+                m,
+                conditioner=View(
+                    m.conditioner,
+                    embedders=[
+                        *list(m.conditioner.embedders)[:1],
+                        View(m.conditioner.embedders[1].wrapped, legacy=True),
+                        *list(m.conditioner.embedders)[2:],
+                    ],
+                ),
+            ),
+            "legacy",
+        ),
     ],
 )
 def test_unsupported_sdxl_variants_are_refused_by_name(sdxl_model, change, message):
     with pytest.raises(UnsupportedModelError, match=message):
         parts_from_sgm(change(sdxl_model), model_name="tiny-sdxl")
+
+
+def test_names_the_webui_could_not_find_are_refused_on_sdxl(parts):
+    from lib_trainer.errors import ConfigError
+    from lib_trainer.models.text import check_prompt_word
+
+    check_prompt_word(parts.text_encoder, "zqcat", "embedding.name")
+    with pytest.raises(ConfigError, match="would not be recognised"):
+        check_prompt_word(parts.text_encoder, "cat!", "embedding.name")
 
 
 def test_v_prediction_is_read_from_the_model_and_a_marked_file_checked(sdxl_model):
@@ -398,7 +421,7 @@ def test_lora_training_writes_sdxl_metadata(sdxl_model, image_dir, tmp_path):
 
 def test_hypernetwork_sizes_follow_the_model_and_apply_on_sgm_attention(sdxl_model, image_dir, tmp_path):
     parts = parts_from_sgm(sdxl_model)
-    assert hn.HypernetworkSpec(name="x").size_list(hn.attention_widths(parts)) == [80]  # the 2048-wide text context
+    assert hn.for_model(hn.HypernetworkSpec(name="x"), parts).sizes == "80"  # the text context (SDXL: 2048, 640, 1280)
     paths = hn.OutputPaths(tmp_path / "hn", tmp_path / "log")
     request = {
         "hypernetwork": {"name": "zqhx", "sizes": "auto"},
@@ -491,6 +514,8 @@ def test_sdxl_sizes_default_to_1024_and_lora_keys_all_match_the_webui(sdxl_webui
     unsized = {**request, "data": {k: v for k, v in request["data"].items() if k not in ("width", "height")}}
     parsed, _ = webui.manager.validate("lora", unsized)
     assert (parsed.data.width, parsed.data.height, parsed.data.bucket_max_side) == (1024, 1024, 2048)
+    small = {**request, "data": {**request["data"], "width": 512, "height": 512, "buckets": True}}  # sides stay
+    assert webui.manager.validate("lora", small)[0].data.bucket_min_side == 256
     monkeypatch.setitem(sys.modules, "networks", FakeNetworks(sdxl_model))
     request["network"].update({"train_text_encoder": True, "algo": "locon", "conv_rank": 4})
     job = webui.manager.wait(webui.manager.submit("lora", request).id, timeout=120)

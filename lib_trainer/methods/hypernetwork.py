@@ -115,13 +115,10 @@ class HypernetworkSpec:
         """Whether the sizes follow the model (``"auto"``)."""
         return self.sizes.strip().lower() == "auto"
 
-    def size_list(self, widths: set[int] | None = None) -> list[int]:
-        """The enabled widths as integers; ``"auto"`` needs the model's attention ``widths``."""
+    def size_list(self) -> list[int]:
+        """The enabled widths as integers (``"auto"`` is resolved against the model first: ``for_model``)."""
         if self.auto_sizes:
-            if widths is None:
-                raise ConfigError("hypernetwork.sizes 'auto' needs a loaded model", "hypernetwork.sizes")
-            text = _cross_attention_width(widths)
-            return [text] + [w for w in (320, 640, 1280) if w in widths and w != text]
+            raise ConfigError("hypernetwork.sizes 'auto' needs a loaded model", "hypernetwork.sizes")
         sizes = _numbers(self.sizes, "hypernetwork.sizes")
         if any(s != int(s) or s <= 0 for s in sizes):
             raise ConfigError(f"hypernetwork.sizes {self.sizes!r} must be positive whole numbers", "hypernetwork.sizes")
@@ -163,23 +160,19 @@ class OutputPaths:
     log_dir: Path
 
 
-class _Widths(set):
-    """Attention input widths, remembering the cross-attentions' (the text encoder's) width."""
-
-    text: int
-
-
 def attention_widths(parts: ModelParts) -> set[int]:
     """Widths of every attention layer's key/value input in this model (what hypernetwork sizes may be)."""
-    attentions = _attentions(parts.unet)
-    widths = _Widths(m.to_k.in_features for m in attentions)
-    cross = [m.to_k.in_features for m in attentions if m.to_k.in_features != m.to_q.in_features]
-    widths.text = max(cross) if cross else max(widths)
-    return widths
+    return {m.to_k.in_features for m in _attentions(parts.unet)}
 
 
-def _cross_attention_width(widths: set[int]) -> int:
-    return getattr(widths, "text", None) or max(widths)
+def for_model(spec: HypernetworkSpec, parts: ModelParts) -> HypernetworkSpec:
+    """``spec`` with sizes "auto" resolved: the text width (cross-attention's context: 768 SD1, 1024 SD2, 2048
+    SDXL) and the feature widths 320/640/1280 this model has (the WebUI's create default, per model)."""
+    if not spec.auto_sizes:
+        return spec
+    widths, text = attention_widths(parts), parts.text_encoder.dim
+    sizes = [text] + [w for w in (320, 640, 1280) if w in widths and w != text]
+    return dataclasses.replace(spec, sizes=", ".join(map(str, sizes)))
 
 
 def _attentions(unet: nn.Module) -> list[nn.Module]:
@@ -193,14 +186,13 @@ class Hypernetwork:
         self.structure, self.layers = structure, layers
 
     @classmethod
-    def create(cls, spec: HypernetworkSpec, seed: int = 0, widths: set[int] | None = None) -> Hypernetwork:
-        """Fresh modules initialised as the WebUI does, from ``seed`` (the host's random state is left alone);
-        ``widths``: the model's attention widths, for ``sizes`` "auto"."""
+    def create(cls, spec: HypernetworkSpec, seed: int = 0) -> Hypernetwork:
+        """Fresh modules initialised as the WebUI does, from ``seed`` (the host's random state is left alone)."""
         structure, generator = spec.structure(), torch.Generator().manual_seed(seed)
         layers = {}
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)  # torch.nn.init's Xavier/Kaiming draw from the global generator
-            for size in spec.size_list(widths):
+            for size in spec.size_list():
                 pair = (HypernetworkModule(size, structure), HypernetworkModule(size, structure))
                 for module in pair:
                     initialize(module, structure.weight_init, structure.activation_func, generator)
@@ -330,13 +322,14 @@ class HypernetworkTrainable:
 
 def create_hypernetwork(spec: HypernetworkSpec, parts: ModelParts, hypernetwork_dir: Path, seed: int = 0) -> Path:
     """Write a new hypernetwork file (step 0); refuse an existing one unless ``overwrite``."""
+    spec = for_model(spec, parts)
     _check_sizes(spec, parts)
     path = path_in(hypernetwork_dir, f"{spec.name}.pt")
     if path.exists() and not spec.overwrite:
         raise ConfigError(
             f"{path} already exists; turn on hypernetwork.overwrite or choose another name", "hypernetwork.name"
         )
-    net = Hypernetwork.create(spec, seed, attention_widths(parts))
+    net = Hypernetwork.create(spec, seed)
     data = hypernetwork_dict(net.layers, net.structure, spec.name, 0, parts.model_hash, parts.model_name, None)
     save_hypernetwork(path, data, {"trainer": "sd-webui-trainer"})
     return path
@@ -344,7 +337,7 @@ def create_hypernetwork(spec: HypernetworkSpec, parts: ModelParts, hypernetwork_
 
 def _check_sizes(spec: HypernetworkSpec, parts: ModelParts) -> None:
     widths = attention_widths(parts)
-    missing = [s for s in spec.size_list(widths) if s not in widths]
+    missing = [s for s in spec.size_list() if s not in widths]
     if missing:
         raise ConfigError(
             f"hypernetwork.sizes {missing} do not occur in this model's attention layers; this model "
@@ -376,7 +369,10 @@ def _starting_point(
     config: HypernetworkConfig, parts: ModelParts, paths: OutputPaths
 ) -> tuple[Hypernetwork, int, Path | None]:
     """The hypernetwork to train (read from ``resume_from`` or ``<name>.pt``, else new), its step, its file."""
-    spec, main = config.hypernetwork, path_in(paths.hypernetwork_dir, f"{config.hypernetwork.name}.pt")
+    spec, main = (
+        for_model(config.hypernetwork, parts),
+        path_in(paths.hypernetwork_dir, f"{config.hypernetwork.name}.pt"),
+    )
     source = Path(config.resume_from).expanduser() if config.resume_from else main
     if config.resume_from and not source.is_file():
         raise ConfigError(f"resume_from {config.resume_from!r} is not an existing file", "resume_from")
@@ -394,7 +390,7 @@ def _starting_point(
         step = data.get("step")
         return net, step if isinstance(step, int) and step > 0 else 0, source
     _check_sizes(spec, parts)
-    return Hypernetwork.create(spec, config.train.seed, attention_widths(parts)), 0, None
+    return Hypernetwork.create(spec, config.train.seed), 0, None
 
 
 def prepare(config: HypernetworkConfig, parts: ModelParts, paths: OutputPaths, hooks: TrainingHooks):
@@ -420,6 +416,7 @@ def train_hypernetwork(
 ) -> TrainResult:
     """Train (or continue) the hypernetwork ``config.hypernetwork.name``."""
     hooks = hooks or TrainingHooks()
+    config = dataclasses.replace(config, hypernetwork=for_model(config.hypernetwork, parts))  # saved as resolved
     net, start_step, source, samples, template = prepare(config, parts, paths, hooks)
     trainable = HypernetworkTrainable(config, parts, paths, net, start_step)
     if source is not None:

@@ -165,6 +165,11 @@ def _embedders(sd_model: nn.Module, label: str) -> tuple[tuple[nn.Module, nn.Mod
             f"{label}{refiner} has conditioner inputs [{found}], not SDXL base's CLIP-L + OpenCLIP bigG text and "
             "original size / crop / target size; the trainer supports SDXL base-type checkpoints only"
         )
+    if getattr(text[1], "legacy", False):
+        raise UnsupportedModelError(
+            f"{label}'s OpenCLIP encoder is in legacy mode (no pooled output), which SDXL base does not use; "
+            "load an SDXL base-type checkpoint"
+        )
     return (text[0], text[1]), sizes
 
 

@@ -183,12 +183,18 @@ def check_prompt_word(encoder: TextEncoder, name: str, field: str) -> None:
             "emphasis, so the name could not be typed in a prompt; use letters, digits, '-' or '_'",
             field=field,
         )
-    ids = encoder.tokenize(name)
+    for sub in getattr(encoder, "encoders", (encoder,)):  # SDXL: each encoder tokenizes prompts itself
+        _check_found(sub.tokenize, name, field)
+
+
+def _check_found(tokenize, name: str, field: str) -> None:
+    """The name's ids occur in every context prompt, for one encoder's tokenizer (SDXL has two)."""
+    ids = tokenize(name)
     if not ids:
         raise ConfigError(f"{field} {name!r} has no tokens for the text encoder; use letters or digits", field=field)
     for context in PROMPT_CONTEXTS:
         prompt = context.format(name)
-        tokens = encoder.tokenize(prompt)
+        tokens = tokenize(prompt)
         if not any(tokens[i : i + len(ids)] == ids for i in range(len(tokens) - len(ids) + 1)):
             raise ConfigError(
                 f"{field} {name!r} would not be recognised in a prompt such as {prompt!r}: its first or last "

@@ -290,14 +290,15 @@ class JobManager:
         return {**sizes, **preview} if isinstance(preview, dict) else preview
 
     def _with_model_sizes(self, config: Any) -> Any:
-        """Image sizes not given follow the loaded model (``form.size_defaults``: 1024 on SDXL, else 512)."""
+        """Image sizes not given follow the loaded model (``form.size_defaults``: 1024 on SDXL, else 512); the
+        bucket sides only when the size itself was not given (they are relative to it)."""
         data = config.get("data") if isinstance(config, dict) else None
         sizes = {
             k[len("data.") :]: v
             for k, v in size_defaults(self.host.native_resolution()).items()
             if k.startswith("data.")
         }
-        if not isinstance(data, dict) or not sizes:
+        if not isinstance(data, dict) or not sizes or "width" in data or "height" in data:
             return config
         return {**config, "data": {**sizes, **data}}
 
