@@ -524,3 +524,18 @@ def test_sdxl_sizes_default_to_1024_and_lora_keys_all_match_the_webui(sdxl_webui
     tensors, _ = read_network(webui.root / "models" / "Lora" / "zqlora.safetensors")
     assert {k.split("_")[1] for k in tensors} == {"unet", "te1", "te2"}
     del sdxl_model.network_layer_mapping
+
+
+def test_merged_webui_loras_are_unmerged_through_sdxls_prompt_entry(sdxl_webui, sdxl_model, monkeypatch):
+    import sys
+
+    from tests.test_webui_glue import FakeNetworks
+
+    networks = FakeNetworks(sdxl_model)
+    networks.loaded_networks.append("a LoRA the user generated with")
+    monkeypatch.setitem(sys.modules, "networks", networks)
+    calls = []
+    monkeypatch.setattr(sdxl_model, "get_learned_conditioning", calls.append, raising=False)
+    sdxl_webui.host.clear_merged_networks()
+    assert networks.loaded_networks == []
+    assert calls == [[""]]

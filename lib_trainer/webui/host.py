@@ -238,8 +238,12 @@ def clear_merged_networks() -> None:
     loaded = getattr(networks, "loaded_networks", None)
     if loaded:
         loaded.clear()
-        with contextlib.suppress(Exception):  # one forward with no networks restores the backed-up weights
-            shared.sd_model.cond_stage_model([""])
+        model = shared.sd_model
+        # one forward with no networks restores the backed-up weights (SDXL's cond_stage_model is the
+        # conditioner, which takes a batch dict: its get_learned_conditioning takes the prompts)
+        encode = getattr(model, "get_learned_conditioning", None) or model.cond_stage_model
+        with contextlib.suppress(Exception):
+            encode([""])
 
 
 def reset_conditioning_cache() -> None:
