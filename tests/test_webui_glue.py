@@ -500,3 +500,19 @@ def test_report_summary_html(webui):
     html_text = format_report(dataset_report(DataConfig(data_dir=str(webui.data), width=64, height=64)))
     assert "<b>4 images</b>" in html_text
     assert "red (4)" in html_text
+
+
+@pytest.fixture
+def sd2_webui(sd2_model, tmp_path):
+    yield from installed_webui(sd2_model, tmp_path, "tiny-sd2")
+
+
+def test_sd2_text_encoder_lora_keys_all_match_the_webui(sd2_webui, sd2_model, monkeypatch):
+    """SD2's OpenCLIP q/k/v/out land on the fused attention through the WebUI's own rules (re_x_proj)."""
+    monkeypatch.setitem(sys.modules, "networks", FakeNetworks(sd2_model))
+    request = lora_job(sd2_webui.data, steps=2, save_every=0, preview_every=0)
+    request["network"].update({"train_text_encoder": True, "train_unet": False})
+    job = sd2_webui.manager.wait(sd2_webui.manager.submit("lora", request).id, timeout=120)
+    assert job.state == "done", job.error
+    assert job.warnings == []
+    del sd2_model.network_layer_mapping
