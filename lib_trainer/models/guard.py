@@ -33,6 +33,23 @@ def frozen_host(modules: Iterable[nn.Module]) -> Iterator[None]:
             param.requires_grad_(requires_grad)
 
 
+@contextlib.contextmanager
+def restored_weights(params: Iterable[torch.Tensor]) -> Iterator[list[torch.Tensor]]:
+    """Keep an exact CPU copy of ``params`` and write it back on exit, also on errors and interrupts.
+
+    For methods that change the host's own weights (full fine-tuning): afterwards every tensor is bit-identical
+    to before, in its own dtype and device. Yields the copies.
+    """
+    params = list(params)
+    saved = [p.detach().to("cpu", copy=True) for p in params]
+    try:
+        yield saved
+    finally:
+        with torch.no_grad():
+            for param, copy in zip(params, saved, strict=True):
+                param.copy_(copy.to(param.device))
+
+
 def parameter_versions(modules: Iterable[nn.Module]) -> list[int]:
     """In-place modification counters of every parameter: unchanged counters mean untouched weights."""
     return [p._version for m in modules for p in m.parameters()]
