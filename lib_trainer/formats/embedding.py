@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -72,23 +73,15 @@ def embedding_metadata(
     return meta
 
 
-def save_embedding(
-    path: Path, vectors: torch.Tensor, metadata: dict[str, str], widths: dict[str, int] | None = None
-) -> Path:
-    """Write ``vectors`` ``[n, dim]`` as a WebUI-loadable ``.safetensors`` embedding, atomically.
+def save_embedding(path: Path, vectors: torch.Tensor | Mapping[str, torch.Tensor], metadata: dict[str, str]) -> Path:
+    """Write an embedding as a WebUI-loadable ``.safetensors`` file, atomically.
 
-    ``widths`` names the file's tensors and their widths, which split ``vectors`` in order (default: one
-    ``emb_params``; SDXL: ``{"clip_l": 768, "clip_g": 1280}``).
+    ``vectors``: one ``[n, dim]`` tensor (saved as ``emb_params``) or the file's tensors by key (SDXL: ``clip_l``
+    and ``clip_g``, as ``TextEncoder.split_vectors`` gives them).
     """
     if path.suffix != ".safetensors":
         raise FormatError(f"embeddings are written as .safetensors, not {path.suffix!r} ({path})")
-    widths = widths or {TENSOR_KEY: vectors.shape[1]}
-    if sum(widths.values()) != vectors.shape[1]:
-        raise FormatError(f"embedding {path.stem}: vectors of width {vectors.shape[1]} do not split into {widths}")
-    parts, start = {}, 0
-    for key, width in widths.items():
-        parts[key] = vectors[:, start : start + width].contiguous()
-        start += width
+    parts = dict(vectors) if isinstance(vectors, Mapping) else {TENSOR_KEY: vectors}
     tensors = finite_for_saving(
         parts, torch.float32, f"embedding {path.stem}", "Lower train.learning_rate and train again"
     )

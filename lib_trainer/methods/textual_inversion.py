@@ -125,7 +125,7 @@ def create_embedding(config: EmbeddingConfig, parts: ModelParts, embeddings_dir:
         parts.model_hash,
         json.dumps(dataclasses.asdict(config), sort_keys=True),
     )
-    return save_embedding(path, vectors, meta, parts.text_encoder.key_widths)
+    return save_embedding(path, parts.text_encoder.split_vectors(vectors), meta)
 
 
 def _check_name_free(embeddings_dir: Path, name: str, allow: Path | None) -> None:
@@ -180,10 +180,10 @@ class EmbeddingTrainable:
 
     def save(self, step: int, resume: ResumeState) -> list[Path]:
         """A numbered copy in the run folder, the resume sidecar, then the main file."""
-        meta, widths = self.metadata(step), self.parts.text_encoder.key_widths
-        numbered = save_embedding(numbered_path(self.paths, self.name, step), self.vectors, meta, widths)
+        meta, tensors = self.metadata(step), self.parts.text_encoder.split_vectors(self.vectors)
+        numbered = save_embedding(numbered_path(self.paths, self.name, step), tensors, meta)
         save_sidecar(self.main_path, resume, _checksum_of(numbered))  # read back: checked as written
-        main = save_embedding(self.main_path, self.vectors, meta, widths)
+        main = save_embedding(self.main_path, tensors, meta)
         return [numbered, main]
 
     def file_tensors(self) -> dict[str, torch.Tensor]:

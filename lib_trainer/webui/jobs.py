@@ -278,26 +278,23 @@ class JobManager:
                 field="preview.sampler",
             )
 
+    def _model_sizes(self, section: str) -> dict[str, int]:
+        """``form.size_defaults`` of the loaded model for one section ("data", "preview"), without the prefix."""
+        prefix = section + "."
+        defaults = size_defaults(self.host.native_resolution())
+        return {k[len(prefix) :]: v for k, v in defaults.items() if k.startswith(prefix)}
+
     def _with_preview_size(self, preview: Any) -> Any:
         """A preview without width/height renders at the loaded model's size."""
         if preview is None:
             return {"enabled": False}
-        sizes = {
-            k[len("preview.") :]: v
-            for k, v in size_defaults(self.host.native_resolution()).items()
-            if k.startswith("preview.")
-        }
-        return {**sizes, **preview} if isinstance(preview, dict) else preview
+        return {**self._model_sizes("preview"), **preview} if isinstance(preview, dict) else preview
 
     def _with_model_sizes(self, config: Any) -> Any:
         """Image sizes not given follow the loaded model (``form.size_defaults``: 1024 on SDXL, else 512); the
         bucket sides only when the size itself was not given (they are relative to it)."""
         data = config.get("data") if isinstance(config, dict) else None
-        sizes = {
-            k[len("data.") :]: v
-            for k, v in size_defaults(self.host.native_resolution()).items()
-            if k.startswith("data.")
-        }
+        sizes = self._model_sizes("data")
         if not isinstance(data, dict) or not sizes or "width" in data or "height" in data:
             return config
         return {**config, "data": {**sizes, **data}}
