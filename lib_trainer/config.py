@@ -116,6 +116,9 @@ def path_settings(config: Any, prefix: str = "") -> list[tuple[str, str, str]]:
         value = getattr(config, f.name)
         if dataclasses.is_dataclass(value):
             found += path_settings(value, _join(prefix, f.name))
+        elif isinstance(value, tuple) and value and all(dataclasses.is_dataclass(v) for v in value):
+            for i, item in enumerate(value):
+                found += path_settings(item, _join(prefix, f"{f.name}.{i}"))
         elif f.metadata.get("path") and isinstance(value, str) and value.strip():
             found.append((_join(prefix, f.name), f.metadata["path"], value))
     return found
@@ -184,6 +187,11 @@ def _coerce(hint: Any, value: Any, path: str) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"{path} must be an object (a dict), but is {type(value).__name__}", field=path)
         return build(hint, value, path)
+    if origin in (list, tuple):  # a list setting (e.g. DreamBooth's concepts), kept as a tuple: configs are frozen
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{path} must be a list, but is {type(value).__name__}", field=path)
+        (item,) = get_args(hint)[:1]
+        return tuple(_coerce(item, v, f"{path}.{i}") for i, v in enumerate(value))
     return _coerce_scalar(hint, value, path)
 
 
@@ -241,10 +249,7 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         check_settings(self, self.SECTION)
-        if not self.data_dir.strip():
-            raise ConfigError(
-                "data.data_dir is empty; give the folder that holds the training images", field="data.data_dir"
-            )
+        self._check_folders()
         for name in ("width", "height", "bucket_step"):
             check_multiple(f"data.{name}", getattr(self, name), 64)
         if not re.fullmatch(r"\.[A-Za-z0-9_-]{1,16}", self.caption_extension):
@@ -268,6 +273,51 @@ class DataConfig:
                 field="data.bucket_min_side",
             )
 
+    def _check_folders(self) -> None:
+        if not self.data_dir.strip():
+            raise ConfigError(
+                "data.data_dir is empty; give the folder that holds the training images", field="data.data_dir"
+            )
+
+
+PER_CONCEPT = ("data_dir", "template", "trigger_word", "reg_dir", "prior_loss_weight")  # DreamBooth: per concept
+
+
+def _shared_post_init(self) -> None:
+    self.for_folder("concept")  # DataConfig's own checks, with a stand-in folder
+
+
+def _for_folder(self, data_dir: str, reg_dir: str = "", prior_loss_weight: float = 1.0) -> DataConfig:
+    """A plain DataConfig of these rules for one concept's folder (prompts come from the concept)."""
+    values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+    return DataConfig(
+        **values,
+        data_dir=data_dir,
+        template="none",
+        trigger_word="",
+        reg_dir=reg_dir,
+        prior_loss_weight=prior_loss_weight,
+    )
+
+
+# The dataset rules of a run whose folders and prompts come per concept (DreamBooth): DataConfig's settings
+# without the folder, template, trigger word and regularisation folder, which each concept gives instead.
+SharedDataConfig = dataclasses.make_dataclass(
+    "SharedDataConfig",
+    [
+        (f.name, typing.get_type_hints(DataConfig)[f.name], dataclasses.field(default=f.default, metadata=f.metadata))
+        for f in dataclasses.fields(DataConfig)
+        if f.name not in PER_CONCEPT
+    ],
+    namespace={
+        "SECTION": "data",
+        "__post_init__": _shared_post_init,
+        "for_folder": _for_folder,
+        "__doc__": "The dataset rules shared by every concept (folders and prompts are per concept).",
+    },
+    frozen=True,
+)
+
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
@@ -282,7 +332,8 @@ class TrainConfig:
     learning_rate: str | float = "0.005"
     lr_schedule: Literal["constant", "linear", "cosine"] = "constant"
     lr_warmup_steps: int = setting(0, low=0, high=10_000_000)
-    optimizer: Literal["adamw"] = "adamw"
+    # adamw8bit: bitsandbytes (CUDA, optional); adafactor: transformers' Adafactor at the given learning rate
+    optimizer: Literal["adamw", "adamw8bit", "adafactor"] = "adamw"
     weight_decay: float = setting(0.0, low=0.0, high=10.0)
     clip_grad: Literal["off", "norm", "value"] = "off"
     clip_grad_value: float = setting(1.0, low=1e-12, high=1e6)
@@ -374,4 +425,6 @@ def _schema_of(hint: Any) -> dict[str, Any]:
         return {"type": "string", "enum": list(get_args(hint))}
     if dataclasses.is_dataclass(hint):
         return json_schema(hint)
+    if origin in (list, tuple):
+        return {"type": "array", "items": _schema_of(get_args(hint)[0])}
     return {"type": _JSON_TYPES.get(hint, "string")}

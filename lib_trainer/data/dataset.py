@@ -51,6 +51,7 @@ class Sample:
     loss_weight: float = 1.0
     is_reg: bool = False  # a regularisation (class) image: captioned as is, no template or trigger
     original_size: tuple[int, int] | None = None  # (width, height) of the image file (None: the bucket's)
+    template: list[str] | None = None  # this sample's own prompt lines (a DreamBooth concept's instance prompt)
 
     @property
     def size(self) -> tuple[int, int]:
@@ -255,9 +256,10 @@ class PromptMaker:
         caption = augment_tags(caption, self.rng, cfg.shuffle_tags, cfg.keep_tags, cfg.tag_dropout)
         if cfg.caption_dropout and self.rng.random() < cfg.caption_dropout:
             caption = ""
-        if cfg.trigger_word:
-            caption = f"{cfg.trigger_word}, {caption}" if caption else cfg.trigger_word
-        return fill_template(self.rng.choice(self.template), self.name, caption)
+        trigger = getattr(cfg, "trigger_word", "")  # DreamBooth's shared rules have none (prompts are per concept)
+        if trigger:
+            caption = f"{trigger}, {caption}" if caption else trigger
+        return fill_template(self.rng.choice(sample.template or self.template), self.name, caption)
 
 
 class LatentCache:
@@ -362,23 +364,40 @@ class TrainingBatches:
     def next_batch(self) -> tuple[torch.Tensor, list[str]]:
         """The next batch: scaled latents ``[B, 4, h, w]`` (CPU, one bucket) and one prompt per image (a
         ``Prompts`` list carrying each image's size conditioning)."""
+        return self.assemble(self.next_indices())
+
+    def next_indices(self) -> list[int]:
+        """The sample indices of the next batch (one bucket)."""
         if not self.queue:
             self.queue = epoch_batches(self.samples, self.batch_size, self.rng)
-        indices = self.queue.pop(0)
-        texts = [self.prompts.prompt(self.samples[i]) for i in indices]
-        latents = self.cache.latents(indices, self.latent_generator)
+        return self.queue.pop(0)
+
+    def assemble(self, indices: list[int]) -> tuple:
+        """(latents, prompts[, extras]) for the samples at ``indices``."""
+        latents, prompts, samples, mirrored = self.pieces(indices)
         extras = {}
-        samples = [self.samples[i] for i in indices]
-        mirrored = getattr(self.cache, "last_mirrored", None) or [False] * len(samples)
-        prompts = Prompts(texts, [s.size_condition(m) for s, m in zip(samples, mirrored, strict=True)])
         if any(s.loss_weight != 1.0 for s in samples):
             extras["weights"] = torch.tensor([s.loss_weight for s in samples])
         if self.prompts.config.alpha_mask:
-            masks = [s.mask if s.mask is not None else torch.ones(1, *latents.shape[2:]) for s in samples]
-            extras["mask"] = torch.stack(
-                [torch.flip(m, dims=[2]) if flipped else m for m, flipped in zip(masks, mirrored, strict=True)]
-            )
+            extras["mask"] = self.masks(samples, mirrored, latents.shape[2:])
         return (latents, prompts, extras) if extras else (latents, prompts)
+
+    def pieces(self, indices: list[int]) -> tuple[torch.Tensor, Prompts, list[Sample], list[bool]]:
+        """Latents, prompts, the samples and which of them were mirrored, for ``indices``."""
+        texts = [self.prompts.prompt(self.samples[i]) for i in indices]
+        latents = self.cache.latents(indices, self.latent_generator)
+        samples = [self.samples[i] for i in indices]
+        mirrored = getattr(self.cache, "last_mirrored", None) or [False] * len(samples)
+        prompts = Prompts(texts, [s.size_condition(m) for s, m in zip(samples, mirrored, strict=True)])
+        return latents, prompts, samples, mirrored
+
+    @staticmethod
+    def masks(samples: list[Sample], mirrored: list[bool], size: tuple[int, ...]) -> torch.Tensor:
+        """Loss masks ``[B, 1, h, w]`` (all ones for an image without transparency), mirrored with their image."""
+        masks = [s.mask if s.mask is not None else torch.ones(1, *size) for s in samples]
+        return torch.stack(
+            [torch.flip(m, dims=[2]) if flipped else m for m, flipped in zip(masks, mirrored, strict=True)]
+        )
 
     def rng_state(self) -> dict[str, Any]:
         """Random state for a resume sidecar (JSON values and tensors)."""

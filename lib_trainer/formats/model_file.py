@@ -49,6 +49,17 @@ def checkpoint_tensors(model: nn.Module, keys: Collection[str] | None = None) ->
     return {key: tensors[key] for key in keys}
 
 
+def estimated_size(model: nn.Module, dtype: torch.dtype) -> int:
+    """Bytes a checkpoint of ``model`` takes with floating tensors in ``dtype`` (shared tensors counted once)."""
+    seen, total = set(), 0
+    for value in model.state_dict().values():
+        if value.data_ptr() in seen:
+            continue
+        seen.add(value.data_ptr())
+        total += value.numel() * (dtype.itemsize if value.is_floating_point() else value.element_size())
+    return total
+
+
 def save_checkpoint(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str], precision: str) -> Path:
     """Write a full checkpoint atomically: floating tensors cast to ``precision``, all checked finite, after making
     sure the folder has room for the whole file (a 2-7 GB write must not fail half-way)."""

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from lib_trainer.errors import DatasetError
 
 
 @dataclass(frozen=True)
@@ -19,6 +21,7 @@ class Progress:
     elapsed_s: float
     eta_s: float
     prompt: str = ""
+    loss_parts: dict[str, float] = field(default_factory=dict)  # prior preservation: loss_instance, loss_prior
 
     @property
     def steps_per_s(self) -> float:
@@ -48,6 +51,16 @@ class TrainingHooks:
 
     def on_preview(self, step: int, state: Any) -> None:
         """Every ``preview_every`` steps: render previews with the trainable ``state`` applied."""
+
+    def generate_images(self, settings: dict[str, Any]) -> list[Any]:
+        """Render images with the host's txt2img (DreamBooth's class images): ``settings`` as for previews."""
+        raise DatasetError(
+            "class images are missing and this host cannot generate them; put the class images in the class folder "
+            "or lower the number of class images asked for"
+        )
+
+    def on_status(self, text: str) -> None:
+        """What the run is doing before or between steps (e.g. "class images 3/50")."""
 
     def on_warning(self, message: str) -> None:
         """Something the user should know that does not stop training (e.g. a risky learning rate)."""

@@ -23,6 +23,7 @@ from lib_trainer.errors import TrainerError, TrainingError
 from lib_trainer.formats.files import write_bytes_atomic
 from lib_trainer.loop.checkpoint import ResumeState
 from lib_trainer.loop.hooks import Progress, TrainingHooks
+from lib_trainer.loop.optimizers import build_optimizer
 from lib_trainer.loop.precision import autocast, grad_scaler, resolve_precision
 from lib_trainer.loop.schedules import LearningRate
 from lib_trainer.models.guard import frozen_host
@@ -33,7 +34,9 @@ class Trainable(Protocol):
     """What a method gives the loop: parameters, how it changes the model, conditioning, saving.
 
     A trainable may also define ``param_groups()`` -> ``[{"params": [...], "lr_scale": float, "stop_at": int}]``
-    for per-group learning rates (the schedule's rate times ``lr_scale``; 0 after step ``stop_at``).
+    for per-group learning rates (the schedule's rate times ``lr_scale``; 0 after step ``stop_at``), and
+    ``resume_masters = False`` when its saves do not keep a resume state (full fine-tuning: an fp32 copy of a
+    whole UNet at every save would cost gigabytes for nothing).
     """
 
     start_step: int
@@ -59,7 +62,9 @@ class Objective(Protocol):
 class BatchSource(Protocol):
     """Endless batches of (latents on CPU, prompts[, extras]), with its random state for resuming.
 
-    ``extras`` may hold per-sample loss ``weights`` ``[B]`` and a loss ``mask`` ``[B, 1, h, w]``.
+    ``extras`` may hold per-sample loss ``weights`` ``[B]``, a loss ``mask`` ``[B, 1, h, w]``, and ``prior``
+    ``[B]`` (bool): which samples are class images for prior preservation (the loss is then the DreamBooth
+    objective, mean instance loss + the weighted mean class loss, and both parts are logged).
     """
 
     def next_batch(self) -> tuple: ...
@@ -81,13 +86,14 @@ class TrainResult:
 
 
 class LossLog:
-    """Loss history in memory (for charts) and as CSV on disk (step, loss, learning_rate, elapsed_s).
+    """Loss history in memory (for charts) and as CSV on disk (step, loss, learning_rate, elapsed_s, and the
+    instance / prior parts of a prior-preservation run, empty otherwise).
 
     A run that continues from step N keeps the rows up to N and drops later ones (written by a run that was
     killed after its last save), so the log and the chart stay continuous.
     """
 
-    FIELDS = ("step", "loss", "learning_rate", "elapsed_s")
+    FIELDS = ("step", "loss", "learning_rate", "elapsed_s", "loss_instance", "loss_prior")  # parts: prior preservation
 
     def __init__(self, path: Path | None, start_step: int = 0):
         self.path = path
@@ -102,7 +108,7 @@ class LossLog:
         self.history.append(row)
         if self.path is not None:
             with self.path.open("a", newline="", encoding="utf-8") as fh:
-                csv.writer(fh).writerow([row[k] for k in self.FIELDS])
+                csv.writer(fh).writerow([row.get(k, "") for k in self.FIELDS])
 
 
 def _rows_up_to(path: Path, step: int) -> list[str]:
@@ -195,9 +201,7 @@ def train(
     loss_log = loss_log or LossLog(None)
     precision = resolve_precision(config.mixed_precision, parts.device)
     groups = trainable.param_groups() if hasattr(trainable, "param_groups") else [{"params": trainable.parameters()}]
-    optimizer = torch.optim.AdamW(
-        [{"params": g["params"], "lr": 0.0} for g in groups], lr=0.0, weight_decay=config.weight_decay
-    )
+    optimizer = build_optimizer(config.optimizer, groups, config.weight_decay)
     generator = torch.Generator(device=parts.device).manual_seed(config.seed)
     step_rng = StepRng(config.seed, parts.device)
     run = _Run(
@@ -212,11 +216,12 @@ def train(
         try:
             while run.step < config.steps:
                 rate = schedule.at(run.step + 1)
-                loss, prompt = _optimizer_step(run, objective, rate, scaler)
+                loss, prompt, loss_parts = _optimizer_step(run, objective, rate, scaler)
                 run.step += 1
                 elapsed = time.monotonic() - started
-                loss_log.add({"step": run.step, "loss": loss, "learning_rate": rate, "elapsed_s": round(elapsed, 3)})
-                hooks.on_progress(_progress(run, loss, rate, elapsed, prompt))
+                row = {"step": run.step, "loss": loss, "learning_rate": rate, "elapsed_s": round(elapsed, 3)}
+                loss_log.add({**row, **loss_parts})
+                hooks.on_progress(_progress(run, loss, rate, elapsed, prompt, loss_parts))
                 _save_and_preview(run, hooks)
                 if hooks.should_stop():
                     stopped = True
@@ -229,12 +234,12 @@ def train(
     return TrainResult(trainable.start_step, run.step, stopped, run.saved, loss_log.history)
 
 
-def _optimizer_step(run: _Run, objective: Objective, rate: float, scaler) -> tuple[float, str]:
+def _optimizer_step(run: _Run, objective: Objective, rate: float, scaler) -> tuple[float, str, dict[str, float]]:
     for group, spec in zip(run.optimizer.param_groups, run.groups, strict=True):
         stopped = spec.get("stop_at") and run.step + 1 > spec["stop_at"]  # e.g. "stop training the TE at step N"
         group["lr"] = 0.0 if stopped else rate * spec.get("lr_scale", 1.0)
     with run.step_rng.active():
-        total, prompt = _accumulate(run, objective, scaler)
+        total, prompt, loss_parts = _accumulate(run, objective, scaler)
     if scaler:
         scaler.unscale_(run.optimizer)
     _clip(run)
@@ -244,13 +249,15 @@ def _optimizer_step(run: _Run, objective: Objective, rate: float, scaler) -> tup
     else:
         run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
-    return total, prompt
+    return total, prompt, loss_parts
 
 
-def _accumulate(run: _Run, objective: Objective, scaler) -> tuple[float, str]:
-    """Forward and backward over ``gradient_accumulation`` micro-batches; the summed loss and a prompt."""
-    total, prompt = 0.0, ""
-    for _ in range(run.config.gradient_accumulation):
+def _accumulate(run: _Run, objective: Objective, scaler) -> tuple[float, str, dict[str, float]]:
+    """Forward and backward over ``gradient_accumulation`` micro-batches; the summed loss, a prompt, and the
+    summed loss parts (instance / prior) when the batches carry class images."""
+    total, prompt, loss_parts = 0.0, "", {}
+    steps = run.config.gradient_accumulation
+    for _ in range(steps):
         batch = run.batches.next_batch()
         latents, prompts = batch[0], batch[1]
         extras = batch[2] if len(batch) > 2 else {}  # optional per-sample "weights" [B] and "mask" [B, 1, h, w]
@@ -260,15 +267,29 @@ def _accumulate(run: _Run, objective: Objective, scaler) -> tuple[float, str]:
             cond = run.trainable.condition(run.parts, prompts)
             masked = {"mask": extras["mask"].to(device)} if "mask" in extras else {}
             per_sample = objective.loss(run.parts, latents.to(device), cond, run.generator, **masked)
-            if "weights" in extras:
-                per_sample = per_sample * extras["weights"].to(per_sample.device)
-            loss = per_sample.mean()
+            loss, parts = _combined_loss(per_sample, extras)
         if not math.isfinite(loss.item()):
             raise _NonFiniteLoss(loss.item(), run.step + 1)
-        loss = loss / run.config.gradient_accumulation
+        loss = loss / steps
         (scaler.scale(loss) if scaler else loss).backward()
         total += loss.item()
-    return total, prompt
+        for key, value in parts.items():
+            loss_parts[key] = loss_parts.get(key, 0.0) + value / steps
+    return total, prompt, loss_parts
+
+
+def _combined_loss(per_sample: torch.Tensor, extras: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
+    """The batch loss from per-sample losses ``[B]``: their (weighted) mean; with ``prior`` in ``extras`` the
+    DreamBooth objective (Ruiz et al. 2023, eq. 2): mean instance loss + mean of weight x class loss."""
+    weights = extras["weights"].to(per_sample.device) if "weights" in extras else None
+    prior = extras.get("prior")
+    if prior is None or not bool(prior.any()) or bool(prior.all()):
+        return (per_sample * weights if weights is not None else per_sample).mean(), {}
+    prior = prior.to(per_sample.device)
+    instance = per_sample[~prior].mean()
+    class_loss = per_sample[prior] * (weights[prior] if weights is not None else 1.0)
+    weighted_prior = class_loss.mean()
+    return instance + weighted_prior, {"loss_instance": instance.item(), "loss_prior": weighted_prior.item()}
 
 
 def _clip(run: _Run) -> None:
@@ -279,11 +300,13 @@ def _clip(run: _Run) -> None:
         torch.nn.utils.clip_grad_value_(params, run.config.clip_grad_value)
 
 
-def _progress(run: _Run, loss: float, rate: float, elapsed: float, prompt: str) -> Progress:
+def _progress(
+    run: _Run, loss: float, rate: float, elapsed: float, prompt: str, loss_parts: dict[str, float]
+) -> Progress:
     done = run.step - run.trainable.start_step
     remaining = run.config.steps - run.step
     eta = elapsed / done * remaining if done else 0.0
-    return Progress(run.step, run.config.steps, loss, rate, elapsed, eta, prompt)
+    return Progress(run.step, run.config.steps, loss, rate, elapsed, eta, prompt, loss_parts)
 
 
 def _save_and_preview(run: _Run, hooks: TrainingHooks) -> None:
@@ -300,7 +323,8 @@ def _save_if_new(run: _Run, hooks: TrainingHooks) -> None:
     params = run.trainable.parameters()
     if not all(bool(torch.isfinite(p).all()) for p in params):
         return
-    masters = [p.detach().to("cpu", torch.float32, copy=True) for p in params]
+    keep = getattr(run.trainable, "resume_masters", True)
+    masters = [p.detach().to("cpu", torch.float32, copy=True) for p in params] if keep else []
     resume = ResumeState(run.optimizer.state_dict(), _rng_state(run), run.step, masters)
     for path in run.trainable.save(run.step, resume):
         run.saved.append(path)

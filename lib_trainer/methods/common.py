@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,11 +29,13 @@ def train_on_dataset(
     log_dir: Path,
     hooks: TrainingHooks | None,
     objective: Objective | None,
+    batches: Callable[..., TrainingBatches] = TrainingBatches,
 ) -> TrainResult:
     """Write ``<run dir>/config.json``, cache latents, and train ``trainable`` on the samples.
 
-    ``data`` is (samples, template lines, the word [name] stands for). Without a resume sidecar a continued run
-    draws new batches (seed + start step) instead of repeating the first steps' ones.
+    ``data`` is (samples, template lines, the word [name] stands for); ``batches`` builds the batch source from
+    ``TrainingBatches``' arguments (DreamBooth pairs instance and class images). Without a resume sidecar a continued
+    run draws new batches (seed + start step) instead of repeating the first steps' ones.
     """
     samples, template, name = data
     trainable.run_dir.mkdir(parents=True, exist_ok=True)
@@ -48,10 +51,10 @@ def train_on_dataset(
     )
     batch_seed = seed if trainable.resume else seed + trainable.start_step
     prompts = PromptMaker(template, name, config.data, random.Random(batch_seed))
-    batches = TrainingBatches(samples, cache, prompts, config.train.batch_size, batch_seed)
+    source = batches(samples, cache, prompts, config.train.batch_size, batch_seed)
     objective = objective or DiffusionObjective(config.train.noise_offset, config.train.min_snr_gamma)
     loss_log = LossLog(trainable.run_dir / "loss.csv", trainable.start_step)
-    return train(parts, trainable, batches, objective, config.train, hooks, loss_log)
+    return train(parts, trainable, source, objective, config.train, hooks, loss_log)
 
 
 def check_log_folder(log_dir: Path, output_dir: Path, what: str) -> None:

@@ -38,16 +38,22 @@ def restored_weights(params: Iterable[torch.Tensor]) -> Iterator[list[torch.Tens
     """Keep an exact CPU copy of ``params`` and write it back on exit, also on errors and interrupts.
 
     For methods that change the host's own weights (full fine-tuning): afterwards every tensor is bit-identical
-    to before, in its own dtype and device. Yields the copies.
+    to before, in its own dtype and device, and holds no gradient. A run may change a parameter's storage dtype
+    (training fp16 host weights in fp32) or device; the original storage is then put back from the copy. Yields
+    the copies.
     """
     params = list(params)
-    saved = [p.detach().to("cpu", copy=True) for p in params]
+    saved = [(p.detach().to("cpu", copy=True), p.device) for p in params]
     try:
-        yield saved
+        yield [copy for copy, _ in saved]
     finally:
         with torch.no_grad():
-            for param, copy in zip(params, saved, strict=True):
-                param.copy_(copy.to(param.device))
+            for param, (copy, device) in zip(params, saved, strict=True):
+                if param.dtype == copy.dtype and param.device == device:
+                    param.copy_(copy.to(device))
+                else:
+                    param.data = copy.to(device)
+                param.grad = None
 
 
 def parameter_versions(modules: Iterable[nn.Module]) -> list[int]:

@@ -42,6 +42,7 @@ def parts_from_ldm(
         },
         model_name=model_name,
         model_hash=model_hash,
+        model=sd_model,
     )
 
 

@@ -61,6 +61,8 @@ class ModelParts:
     conditioning: Conditioning | None = None
     resolution: int = 512  # the side length the model was trained at (buckets default to its square area)
     unet_lora_names: Callable[[nn.Module], dict[str, str]] | None = None  # lycoris name -> kohya file name
+    model: nn.Module | None = None  # the whole host model: its state_dict (wrappers removed) is a checkpoint
+    checkpoint_file: str | None = None  # the file the host loaded the model from, when known
 
     def condition(self, prompts: Sequence[str], vectors: Mapping[str, torch.Tensor] | None = None) -> Any:
         """The conditioning ``apply_model`` takes for ``prompts`` (a tensor; SDXL: its dict), with embeddings

@@ -93,6 +93,7 @@ def parts_from_sgm(
         conditioning=SdxlConditioning(encoder, sizes),
         resolution=RESOLUTION,
         unet_lora_names=ldm_key_table,
+        model=sd_model,
     )
 
 

@@ -78,6 +78,10 @@ class TextEncoder:
         """Module trees whose paths name kohya text-encoder LoRA keys (HF CLIP layout), one per encoder."""
         return []
 
+    def layers(self) -> list[nn.Module]:
+        """The transformer layers (for gradient checkpointing when the text encoder trains)."""
+        return []
+
     def token_vectors(self, ids: Sequence[int]) -> torch.Tensor:
         """The embedding-table rows for ``ids`` as fp32 ``[len(ids), dim]`` (no gradients)."""
         weight = embedding_table(self.token_embedding_module()).weight
@@ -269,6 +273,9 @@ class HFClipTextEncoder(TextEncoder):
     def token_embedding_module(self) -> nn.Module:
         return self.embedder.transformer.text_model.embeddings.token_embedding
 
+    def layers(self) -> list[nn.Module]:
+        return list(self.embedder.transformer.text_model.encoder.layers)
+
     def lora_roots(self) -> list[nn.Module]:
         return [self.embedder.transformer]
 
@@ -304,6 +311,9 @@ class OpenClipTextEncoder(TextEncoder):
 
     def token_embedding_module(self) -> nn.Module:
         return self.embedder.model.token_embedding
+
+    def layers(self) -> list[nn.Module]:
+        return list(self.embedder.model.transformer.resblocks)
 
     def used_layers(self) -> int:
         """Resblocks whose output reaches the conditioning (ldm's penultimate layer skips the last one; sgm's
@@ -350,6 +360,9 @@ class DualTextEncoder(TextEncoder):
 
     def token_embedding_module(self) -> nn.Module:
         return self.first.token_embedding_module()
+
+    def layers(self) -> list[nn.Module]:
+        return self.first.layers() + self.second.layers()
 
     def token_vectors(self, ids: Sequence[int]) -> torch.Tensor:
         return torch.cat([self.first.token_vectors(ids), self.second.token_vectors(ids)], dim=1)

@@ -195,7 +195,7 @@ def model_parts(clip_skip: int | None = None) -> ModelParts:
     info = getattr(model, "sd_checkpoint_info", None)
     name, short_hash = getattr(info, "model_name", None), getattr(info, "shorthash", None)
     if is_sgm(model):
-        return parts_from_sgm(
+        parts = parts_from_sgm(
             model,
             clip_skip=skip,
             model_name=name,
@@ -203,7 +203,10 @@ def model_parts(clip_skip: int | None = None) -> ModelParts:
             clip_l_skip=bool(getattr(shared.opts, "sdxl_clip_l_skip", False)),
             checkpoint_keys=checkpoint_markers(getattr(info, "filename", None)),
         )
-    return parts_from_ldm(model, clip_skip=skip, model_name=name, model_hash=short_hash)
+    else:
+        parts = parts_from_ldm(model, clip_skip=skip, model_name=name, model_hash=short_hash)
+    parts.checkpoint_file = getattr(info, "filename", None)
+    return parts
 
 
 def checkpoint_markers(filename: str | None) -> frozenset[str]:
