@@ -191,8 +191,18 @@ def _coerce(hint: Any, value: Any, path: str) -> Any:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{path} must be a list, but is {type(value).__name__}", field=path)
         (item,) = get_args(hint)[:1]
-        return tuple(_coerce(item, v, f"{path}.{i}") for i, v in enumerate(value))
+        return tuple(_coerce_item(item, v, f"{path}.{i}") for i, v in enumerate(value))
     return _coerce_scalar(hint, value, path)
+
+
+def _coerce_item(hint: Any, value: Any, path: str) -> Any:
+    """One list item; an item's own checks name their field relative to it, so their errors get its path."""
+    try:
+        return _coerce(hint, value, path)
+    except ConfigError as exc:
+        if exc.field is None or exc.field.startswith(path):
+            raise
+        raise type(exc)(f"{path}.{exc}", field=f"{path}.{exc.field}") from None
 
 
 def _coerce_scalar(hint: Any, value: Any, path: str) -> Any:

@@ -7,7 +7,16 @@ import importlib
 import pytest
 
 from lib_trainer.config import json_schema
-from lib_trainer.webui.form import FORMS, NOT_IN_FORM, config_paths, default_values, literal_choices, to_config_dict
+from lib_trainer.webui.form import (
+    CONCEPT_ROWS,
+    FORMS,
+    NOT_IN_FORM,
+    config_paths,
+    default_values,
+    literal_choices,
+    row_path,
+    to_config_dict,
+)
 from tests.support import fake_webui
 
 
@@ -16,6 +25,8 @@ def schema_paths(schema: dict, prefix: str = "") -> set[str]:
     for name, prop in schema["properties"].items():
         if prop.get("type") == "object" and "properties" in prop:
             paths |= schema_paths(prop, f"{prefix}{name}.")
+        elif prop.get("type") == "array" and "properties" in prop["items"]:
+            paths |= schema_paths(prop["items"], f"{prefix}{name}[].")
         else:
             paths.add(prefix + name)
     return paths
@@ -52,11 +63,30 @@ def test_form_defaults_build_a_valid_config(method, name_path, tmp_path):
     assert config.train.steps == 10
 
 
+def test_dreambooth_form_rows_become_the_concept_list(tmp_path):
+    cls, fields = FORMS["dreambooth"]
+    values = default_values("dreambooth")
+    rows = {}
+    for path, value in values.items():
+        if "[]." in path:
+            rows.update({row_path(path, i): value for i in range(CONCEPT_ROWS)})
+        else:
+            rows[path] = value
+    rows.update({"dreambooth.name": "zq", "concepts.0.instance_dir": str(tmp_path / "a")})
+    rows.update({"concepts.2.instance_dir": str(tmp_path / "c"), "concepts.2.class_dir": str(tmp_path / "cls")})
+    config = cls.from_dict(to_config_dict(rows, fields))
+    assert [c.instance_dir for c in config.concepts] == [str(tmp_path / "a"), str(tmp_path / "c")]
+    assert [c.prior for c in config.concepts] == [False, True]
+    assert config.train.optimizer == "adafactor"
+    assert config.dreambooth.gradient_checkpointing
+
+
 def test_api_schema_offers_every_method():
     from lib_trainer.webui.api import JOB_SCHEMA
 
-    assert JOB_SCHEMA["properties"]["method"]["enum"] == ["textual_inversion", "lora", "hypernetwork", "preprocess"]
-    assert len(JOB_SCHEMA["properties"]["config"]["oneOf"]) == 4
+    methods = ["textual_inversion", "lora", "hypernetwork", "dreambooth", "preprocess"]
+    assert JOB_SCHEMA["properties"]["method"]["enum"] == methods
+    assert len(JOB_SCHEMA["properties"]["config"]["oneOf"]) == len(methods)
 
 
 def test_tab_builds_with_gradio(sd1_model, tmp_path):
@@ -68,11 +98,13 @@ def test_tab_builds_with_gradio(sd1_model, tmp_path):
         assert (title, elem_id) == ("Trainer", "trainer")
         ids = {getattr(block, "elem_id", None) for block in tab.blocks.values()}
         for method, (_, fields) in FORMS.items():
-            assert {f"trainer_{method}_" + f.path.replace(".", "_") for f in fields} <= ids
+            paths = {row_path(f.path, i) for f in fields for i in range(CONCEPT_ROWS)}
+            assert {f"trainer_{method}_" + p.replace(".", "_") for p in paths} <= ids
         assert {
             "trainer_train",
             "trainer_train_lora",
             "trainer_train_hypernetwork",
+            "trainer_train_dreambooth",
             "trainer_interrupt",
             "trainer_save_now",
             "trainer_job_id",

@@ -7,12 +7,15 @@ schema, so a new config field cannot be forgotten in the tab (adetailer's args/U
 from __future__ import annotations
 
 import dataclasses
+import re
 import typing
 from dataclasses import dataclass
 from typing import Any, Literal, get_args, get_origin
 
+from lib_trainer.config import PER_CONCEPT
 from lib_trainer.data.preprocess import PreprocessConfig
 from lib_trainer.data.templates import builtin_templates
+from lib_trainer.methods.dreambooth import DreamBoothConfig
 from lib_trainer.methods.hypernetwork import HypernetworkConfig
 from lib_trainer.methods.lora import LoraConfig
 from lib_trainer.methods.textual_inversion import TextualInversionConfig
@@ -70,7 +73,13 @@ TRAIN_FIELDS: tuple[FormField, ...] = (
     FormField("train.learning_rate", "Learning rate", "text", info="e.g. 0.005 or 0.005:100, 1e-3:1000, 1e-5"),
     FormField("train.lr_schedule", "LR schedule", "dropdown", choices=("constant", "linear", "cosine")),
     FormField("train.lr_warmup_steps", "Warmup steps", "int", 0, 1_000_000, 1),
-    FormField("train.optimizer", "Optimizer", "dropdown", choices=("adamw",)),
+    FormField(
+        "train.optimizer",
+        "Optimizer",
+        "dropdown",
+        choices=("adamw", "adamw8bit", "adafactor"),
+        info="adamw8bit needs bitsandbytes (CUDA); adafactor: least memory",
+    ),
     FormField("train.weight_decay", "Weight decay", "number", 0.0, 10.0),
     FormField("train.clip_grad", "Gradient clipping", "radio", choices=("off", "norm", "value")),
     FormField("train.clip_grad_value", "Clipping value", "number", 0.0),
@@ -147,6 +156,47 @@ HN_FIELDS: tuple[FormField, ...] = (
     *(dataclasses.replace(f, default="hypernetwork") if f.path == "data.template" else f for f in DATA_FIELDS),
     *TRAIN_FIELDS,
 )
+CONCEPT_ROWS = 3  # concept rows the tab shows (the API takes any number)
+ROW = "[]."  # marks the fields of one row of a list setting: "concepts[].instance_dir"
+DB_FIELDS: tuple[FormField, ...] = (
+    FormField("dreambooth.name", "New checkpoint name (written to models/Stable-diffusion)", "text"),
+    FormField("dreambooth.train_unet", "Train the UNet", "checkbox"),
+    FormField(
+        "dreambooth.unet_blocks", "Only these UNet blocks (optional)", "text", info="e.g. output_blocks, middle_block"
+    ),
+    FormField("dreambooth.train_text_encoder", "Train the text encoder(s)", "checkbox"),
+    FormField("dreambooth.text_encoder_lr", "Text encoder LR (0 = same as UNet)", "number", 0.0, 1.0),
+    FormField("dreambooth.stop_text_encoder_at", "Stop training the text encoder at step (0 = never)", "int", 0),
+    FormField("dreambooth.gradient_checkpointing", "Gradient checkpointing (much less VRAM, ~30% slower)", "checkbox"),
+    FormField(
+        "dreambooth.weights_precision",
+        "Trained weights in",
+        "radio",
+        choices=("fp32", "bf16"),
+        info="bf16 halves their memory (SDXL in 24 GB)",
+    ),
+    FormField("dreambooth.save_precision", "Save precision", "radio", choices=("fp16", "bf16", "fp32")),
+    FormField("dreambooth.extract_lora_rank", "Also save a LoRA of the change, rank (0 = no)", "int", 0, 1024, 1),
+    FormField("dreambooth.keep_loaded", "Keep the trained model loaded afterwards", "checkbox"),
+    FormField("dreambooth.overwrite", "Overwrite a checkpoint of that name", "checkbox"),
+    FormField("epochs", "Epochs (0 = use max steps)", "int", 0, 100_000, 1),
+    FormField("save_every_epochs", "Save every N epochs (0 = use save every N steps)", "int", 0, 100_000, 1),
+    FormField("concepts[].instance_dir", "Instance images folder", "text"),
+    FormField("concepts[].instance_prompt", "Instance prompt", "text", info="e.g. photo of zkw person; [filewords]"),
+    FormField("concepts[].class_prompt", "Class prompt", "text", info="e.g. photo of a person"),
+    FormField("concepts[].class_dir", "Class images folder (empty = no prior preservation)", "text"),
+    FormField("concepts[].class_images", "Class images wanted", "int", 0, 100_000, 1),
+    FormField("concepts[].prior_loss_weight", "Prior-loss weight", "number", 0.0, 100.0),
+    FormField("class_generation.negative_prompt", "Negative prompt", "text"),
+    FormField("class_generation.sampler", "Sampler", "dropdown"),
+    FormField("class_generation.steps", "Sampling steps", "slider", 1, 150, 1),
+    FormField("class_generation.cfg_scale", "CFG scale", "slider", 1.0, 30.0, 0.5),
+    FormField("class_generation.seed", "Seed (image k uses seed + k)", "int", 0),
+    FormField("class_generation.width", "Width (0 = dataset width)", "slider", 0, 2048, 64),
+    FormField("class_generation.height", "Height (0 = dataset height)", "slider", 0, 2048, 64),
+    *(f for f in DATA_FIELDS if f.path.split(".")[1] not in PER_CONCEPT),
+    *TRAIN_FIELDS,
+)
 PREPROCESS_FIELDS: tuple[FormField, ...] = (
     FormField("input_dir", "Input folder (photos)", "text"),
     FormField("output_dir", "Output folder (training set; input files are never changed)", "text"),
@@ -173,6 +223,7 @@ FORMS: dict[str, tuple[type, tuple[FormField, ...]]] = {
     "textual_inversion": (TextualInversionConfig, TI_FIELDS),
     "lora": (LoraConfig, LORA_FIELDS),
     "hypernetwork": (HypernetworkConfig, HN_FIELDS),
+    "dreambooth": (DreamBoothConfig, DB_FIELDS),
     "preprocess": (PreprocessConfig, PREPROCESS_FIELDS),
 }
 NOT_IN_FORM = {"version"}  # set by the extension itself
@@ -201,9 +252,19 @@ def config_paths(cls: type = TextualInversionConfig, prefix: str = "") -> list[s
         hint = hints[f.name]
         if get_origin(hint) is None and dataclasses.is_dataclass(hint):
             paths += config_paths(hint, f"{prefix}{f.name}.")
+        elif _row_class(hint) is not None:
+            paths += config_paths(_row_class(hint), f"{prefix}{f.name}{ROW}")
         else:
             paths.append(prefix + f.name)
     return paths
+
+
+def _row_class(hint: Any) -> type | None:
+    """The item dataclass of a list setting (``tuple[ConceptConfig, ...]``), else None."""
+    if get_origin(hint) in (list, tuple):
+        item = get_args(hint)[0]
+        return item if dataclasses.is_dataclass(item) else None
+    return None
 
 
 def default_values(method: str = "textual_inversion") -> dict[str, Any]:
@@ -218,7 +279,9 @@ def _defaults(cls: type, prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for f in dataclasses.fields(cls):
         hint = hints[f.name]
-        if dataclasses.is_dataclass(hint):
+        if _row_class(hint) is not None:
+            out.update(_defaults(_row_class(hint), f"{prefix}{f.name}{ROW}"))
+        elif dataclasses.is_dataclass(hint):
             if f.default_factory is not dataclasses.MISSING:
                 out.update(_flatten(dataclasses.asdict(f.default_factory()), f"{prefix}{f.name}."))
             else:
@@ -232,12 +295,20 @@ def _flatten(data: dict[str, Any], prefix: str) -> dict[str, Any]:
     return {f"{prefix}{k}": v for k, v in data.items()}
 
 
+def row_path(path: str, index: int) -> str:
+    """The control path of a row field in row ``index``: ``concepts[].x`` -> ``concepts.0.x``."""
+    return path.replace(ROW, f".{index}.")
+
+
 def to_config_dict(values: dict[str, Any], fields: tuple[FormField, ...]) -> dict[str, Any]:
-    """Nested config dict from ``{path: value}`` (numbers from sliders become ints where the field is int)."""
+    """Nested config dict from ``{path: value}`` (numbers from sliders become ints where the field is int).
+
+    Row controls (``concepts.1.instance_dir``) become list items in row order; a row whose first field is empty
+    is unused and left out."""
     nested: dict[str, Any] = {}
     kinds = {f.path: f for f in fields}
     for path, value in values.items():
-        field = kinds[path]
+        field = kinds[re.sub(r"\.\d+\.", ROW, path)]
         if field.kind in ("int", "slider") and isinstance(value, float) and value.is_integer():
             value = int(value)
         if field.kind == "dropdown" and not field.choices and value is None:
@@ -247,13 +318,28 @@ def to_config_dict(values: dict[str, Any], fields: tuple[FormField, ...]) -> dic
         for parent in parents:
             node = node.setdefault(parent, {})
         node[leaf] = value
+    return _rows_to_lists(nested, fields)
+
+
+def _rows_to_lists(nested: dict[str, Any], fields: tuple[FormField, ...]) -> dict[str, Any]:
+    firsts = {}
+    for f in fields:
+        if ROW in f.path:
+            name, rest = f.path.split(ROW, 1)
+            firsts.setdefault(name, rest)
+    for name, first in firsts.items():
+        rows = nested.get(name)
+        if isinstance(rows, dict):
+            ordered = [rows[k] for k in sorted(rows, key=int)]
+            nested[name] = [row for row in ordered if str(row.get(first) or "").strip()]
     return nested
 
 
 def literal_choices(path: str, cls: Any = TextualInversionConfig) -> tuple[str, ...]:
     """The allowed values of a Literal config field of ``cls`` (empty for other types)."""
-    *parents, leaf = path.split(".")
+    *parents, leaf = path.replace(ROW, ".").split(".")
     for parent in parents:
         cls = typing.get_type_hints(cls)[parent]
+        cls = _row_class(cls) or cls
     hint = typing.get_type_hints(cls)[leaf]
     return get_args(hint) if get_origin(hint) is Literal else ()

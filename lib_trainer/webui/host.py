@@ -15,6 +15,8 @@ The host surface used here, kept honest by tests/test_webui_real.py against a re
     modules.processing: StableDiffusionProcessing.cached_c/cached_uc, StableDiffusionProcessingTxt2Img
         (override_settings), process_images
     modules.sd_samplers.samplers_map, all_samplers
+    modules.sd_models: model_path, list_models(), CheckpointInfo(filename) (.register(), .title),
+        reload_model_weights(info=); cmd_opts.ckpt_dir; opts.data["sd_model_checkpoint"]
     modules.scripts_postprocessing.ScriptPostprocessing, modules.ui_components.InputAccordion,
     modules.paths_internal.models_path, shared.interrogator (load, generate_caption, send_blip_to_ram),
     modules.deepbooru.model (start, tag_multi, stop)
@@ -37,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import Depends, HTTPException, Request
-from modules import call_queue, paths_internal, processing, sd_hijack, sd_samplers, shared
+from modules import call_queue, paths_internal, processing, sd_hijack, sd_models, sd_samplers, shared
 
 from lib_trainer.errors import ConfigError, UnsupportedModelError
 from lib_trainer.formats.files import safetensors_keys
@@ -55,6 +57,7 @@ class Folders:
     hypernetworks: Path
     lora: Path
     logs: Path
+    checkpoints: Path
 
 
 def folders() -> Folders:
@@ -63,7 +66,8 @@ def folders() -> Folders:
     data = Path(paths_internal.data_path)
     lora = getattr(opts, "lora_dir", None) or data / "models" / "Lora"
     logs = getattr(shared.opts, "trainer_log_dir", "") or data / "trainer"
-    return Folders(Path(opts.embeddings_dir), Path(opts.hypernetwork_dir), Path(lora), Path(logs))
+    checkpoints = getattr(opts, "ckpt_dir", None) or sd_models.model_path
+    return Folders(Path(opts.embeddings_dir), Path(opts.hypernetwork_dir), Path(lora), Path(logs), Path(checkpoints))
 
 
 def add_settings() -> None:
@@ -298,6 +302,28 @@ def unmatched_lora_keys(path: Path) -> list[str]:
         if not (sdxl and fallback in mapping):
             unmatched.append(name)
     return unmatched
+
+
+def refresh_checkpoints() -> None:
+    """Rescan the checkpoint folders (the list the checkpoint dropdown's refresh button shows) and the Lora folder
+    (an extracted LoRA)."""
+    sd_models.list_models()
+    refresh_loras()
+
+
+def load_checkpoint(path: Path) -> None:
+    """Switch the WebUI to the checkpoint at ``path`` (DreamBooth's "keep trained model loaded"). Called under the
+    queue lock, so the model is reloaded directly rather than through the option's queued onchange."""
+    info = sd_models.CheckpointInfo(str(path))
+    info.register()
+    sd_models.reload_model_weights(info=info)
+    shared.opts.data["sd_model_checkpoint"] = info.title
+    reset_conditioning_cache()
+
+
+def report_status(text: str) -> None:
+    """What a job is doing outside its steps (e.g. generating class images), in the WebUI's progress text."""
+    shared.state.textinfo = html.escape(text)
 
 
 def refresh_hypernetworks() -> None:

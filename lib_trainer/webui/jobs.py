@@ -30,6 +30,7 @@ from lib_trainer.data.templates import builtin_templates
 from lib_trainer.errors import ConfigError, TrainerError
 from lib_trainer.formats.files import check_allowed, write_atomic
 from lib_trainer.loop.hooks import Progress, TrainingHooks
+from lib_trainer.methods import dreambooth as db
 from lib_trainer.methods import hypernetwork as hn
 from lib_trainer.methods import lora
 from lib_trainer.methods import textual_inversion as ti
@@ -47,6 +48,17 @@ def _verify_lora(job: Job, host: ModuleType) -> None:
         unmatched = host.unmatched_lora_keys(saved[-1])
         if unmatched:
             job.warnings.append(f"{len(unmatched)} key(s) do not match the WebUI's modules: {', '.join(unmatched[:5])}")
+
+
+def _after_dreambooth(job: Job, host: ModuleType) -> None:
+    """Check an extracted LoRA like a trained one; switch the WebUI to the new checkpoint when asked."""
+    _verify_lora(job, host)
+    folder = host.folders().checkpoints
+    saved = [Path(s["path"]) for s in job.saved if Path(s["path"]).parent == folder]
+    if saved and job.config.dreambooth.keep_loaded and not job.cancel_requested:
+        host.refresh_checkpoints()
+        host.load_checkpoint(saved[-1])
+        job.warnings.append(f"the WebUI now has {saved[-1].name} loaded (dreambooth.keep_loaded)")
 
 
 def _run_preprocess(job: Job, host: ModuleType, hooks: TrainingHooks):
@@ -111,6 +123,15 @@ METHODS: dict[str, MethodSpec] = {
         lambda f: hn.OutputPaths(f.hypernetworks, f.logs / "hypernetworks"),
         hn.train_hypernetwork,
     ),
+    "dreambooth": MethodSpec(
+        db.DreamBoothConfig,
+        lambda c: c.dreambooth.name,
+        "refresh_checkpoints",
+        db,
+        lambda f: db.OutputPaths(f.checkpoints, f.lora, f.logs / "dreambooth"),
+        db.train_dreambooth,
+        after=_after_dreambooth,
+    ),
     "preprocess": MethodSpec(
         PreprocessConfig, lambda c: Path(c.output_dir).name, "reset_conditioning_cache", run=_run_preprocess
     ),
@@ -136,6 +157,7 @@ class Job:
     saved: list[dict[str, Any]] = field(default_factory=list)
     previews: list[tuple[int, Path]] = field(default_factory=list)  # (step, PNG file in the run folder)
     error: str | None = None
+    status: str = ""  # what the job does outside its steps (class images 3/50)
     warnings: list[str] = field(default_factory=list)
     created_at: float = field(default_factory=time.time)
     cancel_requested: bool = False
@@ -161,6 +183,7 @@ class Job:
             "history": [h for h in self.history if h["step"] > since],
             "saved": list(self.saved),
             "error": self.error,
+            "status": self.status,
             "created_at": self.created_at,
             "previews": [{"index": i, "step": step} for i, (step, _) in enumerate(self.previews)],
             "name": METHODS[self.method].name(self.config),
@@ -183,7 +206,15 @@ class JobHooks(TrainingHooks):
         job = self.job
         job.step, job.loss, job.learning_rate = progress.step, progress.loss, progress.learning_rate
         job.eta_s, job.steps_per_s = progress.eta_s, progress.steps_per_s
-        job.history.append({"step": progress.step, "loss": progress.loss, "learning_rate": progress.learning_rate})
+        job.history.append(
+            {
+                "step": progress.step,
+                "loss": progress.loss,
+                "learning_rate": progress.learning_rate,
+                **progress.loss_parts,
+            }
+        )
+        job.status = ""
         self.host.report_progress(progress, self.name)
 
     def should_stop(self) -> bool:
@@ -198,6 +229,16 @@ class JobHooks(TrainingHooks):
 
     def on_warning(self, message: str) -> None:
         self.job.warnings.append(message)
+
+    def on_status(self, text: str) -> None:
+        self.job.status = text
+        self.host.report_status(f"trainer: {self.name}: {text}")
+
+    def generate_images(self, settings: dict[str, Any]) -> list[Any]:
+        images = self.host.render_txt2img(settings)
+        for image in images:
+            self.host.show_image(image)
+        return images
 
     def on_preview(self, step: int, state: Any) -> None:
         preview = self.job.preview
@@ -260,7 +301,10 @@ class JobManager:
             preview_config = None
         else:
             preview_config = PreviewConfig.from_dict(self._with_preview_size(preview))
-            self._check_sampler(preview_config)
+            self._check_sampler(preview_config.sampler, "preview.sampler", preview_config.enabled)
+            generation = getattr(parsed, "class_generation", None)
+            if generation is not None:
+                self._check_sampler(generation.sampler, "class_generation.sampler", True)
             parsed = self._with_host_defaults(parsed)
         check_paths(parsed, self.host.allowed_roots())
         if spec.module is not None:
@@ -270,12 +314,11 @@ class JobManager:
             check_input_folder(parsed)
         return parsed, preview_config
 
-    def _check_sampler(self, preview: PreviewConfig) -> None:
+    def _check_sampler(self, sampler: str, field: str, used: bool) -> None:
         names = self.host.sampler_names()
-        if preview.enabled and preview.sampler not in names:
+        if used and sampler not in names:
             raise ConfigError(
-                f"preview.sampler {preview.sampler!r} is not a sampler of this WebUI; use one of {', '.join(names)}",
-                field="preview.sampler",
+                f"{field} {sampler!r} is not a sampler of this WebUI; use one of {', '.join(names)}", field=field
             )
 
     def _model_sizes(self, section: str) -> dict[str, int]:

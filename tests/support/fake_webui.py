@@ -23,6 +23,7 @@ MODULE_NAMES = (
     "modules.sd_hijack",
     "modules.processing",
     "modules.sd_samplers",
+    "modules.sd_models",
     "modules.script_callbacks",
     "modules.textual_inversion",
     "modules.textual_inversion.textual_inversion",
@@ -149,6 +150,16 @@ def process_images(p):
     return Processed([Image.new("RGB", (p.width, p.height), "gray")])
 
 
+class FakeCheckpointInfo:
+    """modules.sd_models.CheckpointInfo: a file's title, registered in checkpoints_list."""
+
+    def __init__(self, filename):
+        self.filename, self.title = filename, f"{Path(filename).name} [0123456789]"
+
+    def register(self):
+        sys.modules["modules.sd_models"].checkpoints_list[Path(self.filename).name] = self
+
+
 class OptionInfo:
     def __init__(
         self,
@@ -172,6 +183,7 @@ class FakeOpts:
     def __init__(self):
         self.CLIP_stop_at_last_layers = 1
         self.options: dict[str, OptionInfo] = {}
+        self.data: dict[str, Any] = {}
 
     def add_option(self, key, info):
         self.options[key] = info
@@ -259,6 +271,14 @@ def install(model: Any, root: Path) -> types.SimpleNamespace:
     sampler = types.SimpleNamespace(name="Euler a")
     mods["modules.sd_samplers"].samplers_map = {"euler a": "Euler a"}
     mods["modules.sd_samplers"].all_samplers = [sampler]
+    sd_models = mods["modules.sd_models"]
+    sd_models.model_path = str(root / "models" / "Stable-diffusion")
+    sd_models.checkpoints_list, sd_models.loaded = {}, []
+    sd_models.list_models = lambda: sd_models.checkpoints_list.update(
+        {p.name: p for p in Path(sd_models.model_path).glob("*.safetensors")}
+    )
+    sd_models.CheckpointInfo = FakeCheckpointInfo
+    sd_models.reload_model_weights = lambda sd_model=None, info=None, forced_reload=False: sd_models.loaded.append(info)
     callbacks = mods["modules.script_callbacks"]
     callbacks.registered = {}
     for name in ("on_ui_tabs", "on_ui_settings", "on_app_started"):
