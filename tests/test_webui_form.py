@@ -84,7 +84,7 @@ def test_dreambooth_form_rows_become_the_concept_list(tmp_path):
 def test_api_schema_offers_every_method():
     from lib_trainer.webui.api import JOB_SCHEMA
 
-    methods = ["textual_inversion", "lora", "hypernetwork", "dreambooth", "preprocess"]
+    methods = ["textual_inversion", "lora", "hypernetwork", "dreambooth", "embedding_finetune", "preprocess"]
     assert JOB_SCHEMA["properties"]["method"]["enum"] == methods
     assert len(JOB_SCHEMA["properties"]["config"]["oneOf"]) == len(methods)
 
@@ -105,6 +105,7 @@ def test_tab_builds_with_gradio(sd1_model, tmp_path):
             "trainer_train_lora",
             "trainer_train_hypernetwork",
             "trainer_train_dreambooth",
+            "trainer_train_embedding_finetune",
             "trainer_interrupt",
             "trainer_save_now",
             "trainer_job_id",

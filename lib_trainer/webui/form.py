@@ -19,6 +19,7 @@ from lib_trainer.methods.dreambooth import DreamBoothConfig
 from lib_trainer.methods.hypernetwork import HypernetworkConfig
 from lib_trainer.methods.lora import LoraConfig
 from lib_trainer.methods.textual_inversion import TextualInversionConfig
+from lib_trainer.methods.token_finetune import EmbeddingFinetuneConfig
 
 
 @dataclass(frozen=True)
@@ -156,6 +157,16 @@ HN_FIELDS: tuple[FormField, ...] = (
     *(dataclasses.replace(f, default="hypernetwork") if f.path == "data.template" else f for f in DATA_FIELDS),
     *TRAIN_FIELDS,
 )
+ROWS_FIELDS: tuple[FormField, ...] = (
+    FormField("finetune.name", "Name of the rows file (and of the checkpoint copy)", "text"),
+    FormField("finetune.tokens", "Words whose token rows train", "text", info="e.g. person, dog"),
+    FormField("finetune.whole_matrix", "Train the whole token-embedding matrix instead", "checkbox"),
+    FormField("finetune.save_precision", "Save precision", "radio", choices=("fp16", "bf16", "fp32")),
+    FormField("finetune.apply_to_checkpoint", "Also write a checkpoint with the rows applied", "checkbox"),
+    FormField("finetune.overwrite", "Overwrite files of that name", "checkbox"),
+    *DATA_FIELDS,
+    *TRAIN_FIELDS,
+)
 CONCEPT_ROWS = 3  # concept rows the tab shows (the API takes any number)
 ROW = "[]."  # marks the fields of one row of a list setting: "concepts[].instance_dir"
 DB_FIELDS: tuple[FormField, ...] = (
@@ -224,6 +235,7 @@ FORMS: dict[str, tuple[type, tuple[FormField, ...]]] = {
     "lora": (LoraConfig, LORA_FIELDS),
     "hypernetwork": (HypernetworkConfig, HN_FIELDS),
     "dreambooth": (DreamBoothConfig, DB_FIELDS),
+    "embedding_finetune": (EmbeddingFinetuneConfig, ROWS_FIELDS),
     "preprocess": (PreprocessConfig, PREPROCESS_FIELDS),
 }
 NOT_IN_FORM = {"version"}  # set by the extension itself

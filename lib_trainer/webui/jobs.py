@@ -34,6 +34,7 @@ from lib_trainer.methods import dreambooth as db
 from lib_trainer.methods import hypernetwork as hn
 from lib_trainer.methods import lora
 from lib_trainer.methods import textual_inversion as ti
+from lib_trainer.methods import token_finetune as rows
 from lib_trainer.webui.form import size_defaults
 
 MAX_FINISHED_JOBS = 50  # finished jobs kept in memory (their files and previews stay on disk)
@@ -131,6 +132,14 @@ METHODS: dict[str, MethodSpec] = {
         lambda f: db.OutputPaths(f.checkpoints, f.lora, f.logs / "dreambooth"),
         db.train_dreambooth,
         after=_after_dreambooth,
+    ),
+    "embedding_finetune": MethodSpec(
+        rows.EmbeddingFinetuneConfig,
+        lambda c: c.finetune.name,
+        "refresh_checkpoints",
+        rows,
+        lambda f: rows.OutputPaths(f.logs / "token_rows", f.checkpoints, f.logs / "embedding_finetune"),
+        rows.train_rows,
     ),
     "preprocess": MethodSpec(
         PreprocessConfig, lambda c: Path(c.output_dir).name, "reset_conditioning_cache", run=_run_preprocess

@@ -52,6 +52,7 @@ GROUPS = {
         "Dataset": ("data.",),
         "Training": ("train.",),
     },
+    "embedding_finetune": {"Token rows": ("finetune.",), "Dataset": ("data.",), "Training": ("train.",)},
     "preprocess": {"Prepare a training folder": ("",)},
 }
 
@@ -114,6 +115,16 @@ def create_tab(
                 )
                 forms["dreambooth"] = _method_controls("dreambooth", samplers)
                 train_db = gr.Button("Train DreamBooth", variant="primary", elem_id="trainer_train_dreambooth")
+            with gr.Tab("Embedding fine-tune", elem_id="trainer_tab_embedding_finetune"):
+                gr.Markdown(
+                    "Changes the existing token rows of the text encoder (textual inversion adds new words instead). "
+                    "The result is a small rows file in the trainer folder; optionally a checkpoint with them applied."
+                )
+                forms["embedding_finetune"] = _method_controls("embedding_finetune")
+                checks["embedding_finetune"] = gr.Button("Check dataset", elem_id="trainer_embedding_finetune_check")
+                train_rows = gr.Button(
+                    "Train token rows", variant="primary", elem_id="trainer_train_embedding_finetune"
+                )
             with gr.Tab("Dataset", elem_id="trainer_tab_dataset"):
                 prepare = _method_controls("preprocess")
                 run_prepare = gr.Button("Prepare folder", variant="primary", elem_id="trainer_run_preprocess")
@@ -124,6 +135,7 @@ def create_tab(
         _wire_train(manager, train_lora, "lora", forms["lora"], preview, job_id, status)
         _wire_train(manager, train_hn, "hypernetwork", forms["hypernetwork"], preview, job_id, status)
         _wire_train(manager, train_db, "dreambooth", forms["dreambooth"], preview, job_id, status)
+        _wire_train(manager, train_rows, "embedding_finetune", forms["embedding_finetune"], preview, job_id, status)
         _wire_train(manager, run_prepare, "preprocess", prepare, {}, job_id, status)
         _wire_create(actions["embedding"], create_btn, forms["textual_inversion"], status, "embedding")
         _wire_create(actions["hypernetwork"], create_hn, forms["hypernetwork"], status, "hypernetwork")
