@@ -41,7 +41,8 @@ from lib_trainer.config import build  # noqa: E402
 from lib_trainer.formats.embedding import EmbeddingFile  # noqa: E402
 from lib_trainer.loop.hooks import TrainingHooks  # noqa: E402
 from lib_trainer.loop.train import train  # noqa: E402
-from lib_trainer.methods import hypernetwork, lora  # noqa: E402
+from lib_trainer.methods import dreambooth, hypernetwork, lora  # noqa: E402
+from lib_trainer.methods import token_finetune as rows  # noqa: E402
 from lib_trainer.methods.textual_inversion import (  # noqa: E402
     EmbeddingTrainable,
     OutputPaths,
@@ -184,13 +185,65 @@ def bench_hypernetwork(model, side: int, batch: int, steps: int, precision: str,
     return _time_steps(parts, trainable, side, batch, config.train)
 
 
+def bench_dreambooth(
+    model, side: int, batch: int, steps: int, precision: str, workdir: Path, **options
+) -> tuple[float, float]:
+    """Milliseconds per step and peak memory for full UNet fine-tuning (``options``: optimizer, checkpointing,
+    weights precision); the host model is restored afterwards as in a real run."""
+    parts = model_parts(model)
+    optimizer = options.pop("optimizer", "adafactor")
+    config = build(
+        dreambooth.DreamBoothConfig,
+        {
+            "dreambooth": {"name": "zqdb", **options},
+            "concepts": [{"instance_dir": str(workdir)}],
+            "train": {
+                "steps": steps,
+                "batch_size": batch,
+                "mixed_precision": precision,
+                "optimizer": optimizer,
+                "learning_rate": "1e-6",
+                "save_every": 0,
+                "preview_every": 0,
+            },
+        },
+    )
+    paths = dreambooth.OutputPaths(workdir / "ckpt", workdir / "Lora", workdir / "log")
+    trainable = dreambooth.FullTrainable(config, parts, paths, [])
+    trainable.save = lambda step, resume: []  # timing only
+    return _time_steps(parts, trainable, side, batch, config.train)
+
+
+def bench_token_rows(model, side: int, batch: int, steps: int, precision: str, workdir: Path) -> tuple[float, float]:
+    """Milliseconds per step and peak memory for fine-tuning the rows of two words."""
+    parts = model_parts(model)
+    config = build(
+        rows.EmbeddingFinetuneConfig,
+        {
+            "finetune": {"name": "zqrows", "tokens": "cat, dog"},
+            "data": {"data_dir": str(workdir)},
+            "train": {"steps": steps, "batch_size": batch, "mixed_precision": precision, "save_every": 0},
+        },
+    )
+    trainable = rows.RowsTrainable(config, parts, rows.OutputPaths(workdir / "r", workdir / "c", workdir / "log"))
+    trainable.save = lambda step, resume: []  # timing only
+    return _time_steps(parts, trainable, side, batch, config.train)
+
+
 METHODS = {
     "textual_inversion": lambda *a: bench_textual_inversion(*a),
     "lora": lambda *a: bench_lora(*a, algo="lora"),
     "locon": lambda *a: bench_lora(*a, algo="locon"),
     "loha": lambda *a: bench_lora(*a, algo="loha"),
     "hypernetwork": lambda *a: bench_hypernetwork(*a),
+    "embedding_finetune": lambda *a: bench_token_rows(*a),
+    "dreambooth": lambda *a: bench_dreambooth(*a),  # Adafactor + gradient checkpointing (the defaults)
+    "dreambooth-no-checkpointing": lambda *a: bench_dreambooth(*a, gradient_checkpointing=False),
+    "dreambooth-adamw": lambda *a: bench_dreambooth(*a, optimizer="adamw"),
+    "dreambooth-adamw8bit": lambda *a: bench_dreambooth(*a, optimizer="adamw8bit"),  # CUDA + bitsandbytes
+    "dreambooth-bf16-weights": lambda *a: bench_dreambooth(*a, weights_precision="bf16"),
 }
+CUDA_ONLY = {"dreambooth-adamw8bit"}
 
 
 def main() -> None:
@@ -199,7 +252,8 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--sizes", default="tiny,full" if torch.cuda.is_available() else "tiny")
     parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--methods", default=",".join(METHODS))
+    cuda = torch.cuda.is_available()
+    parser.add_argument("--methods", default=",".join(m for m in METHODS if cuda or m not in CUDA_ONLY))
     parser.add_argument("--families", default="sd1,sd2,sdxl")
     parser.add_argument("--precision", default="auto", help="on CUDA: auto (fp16 autocast), bf16, fp16 or no")
     args = parser.parse_args()

@@ -29,6 +29,8 @@ def leaves(cls: type, prefix: str = "") -> list[tuple[str, Any, dataclasses.Fiel
         hint = hints[f.name]
         if dataclasses.is_dataclass(hint):
             found += leaves(hint, f"{prefix}{f.name}.")
+        elif typing.get_origin(hint) is tuple and dataclasses.is_dataclass(typing.get_args(hint)[0]):
+            found += leaves(typing.get_args(hint)[0], f"{prefix}{f.name}.0.")  # a list setting: its first item
         else:
             found.append((prefix + f.name, hint, f))
     return found
@@ -63,6 +65,12 @@ def valid_request(method: str, webui) -> dict[str, Any]:
         return {"network": {"name": "zqbad", "rank": 4}, "data": {**data, "template": "none"}, "train": train}
     if method == "hypernetwork":
         return {"hypernetwork": {"name": "zqbad", "sizes": "32"}, "data": data, "train": train}
+    if method == "dreambooth":
+        concept = {"instance_dir": str(webui.data), "class_dir": str(webui.root / "classes"), "class_images": 1}
+        concept["class_prompt"] = "a photo"
+        return {"dreambooth": {"name": "zqbad"}, "concepts": [concept], "data": {"width": 64, "height": 64}}
+    if method == "embedding_finetune":
+        return {"finetune": {"name": "zqbad", "tokens": "cat"}, "data": data, "train": train}
     return {"input_dir": str(webui.data), "output_dir": str(webui.root / "prepared")}
 
 
@@ -71,7 +79,7 @@ def with_value(request: dict[str, Any], path: str, value: Any) -> dict[str, Any]
     *parents, leaf = path.split(".")
     node = request
     for parent in parents:
-        node = node.setdefault(parent, {})
+        node = node[int(parent)] if isinstance(node, list) else node.setdefault(parent, {})
     node[leaf] = value
     return request
 
