@@ -18,7 +18,10 @@
         var w = canvas.width, h = canvas.height, pad = 30;
         ctx.clearRect(0, 0, w, h);
         if (history.length < 2) return;
-        var losses = history.map(function(r) { return r.loss; });
+        var losses = [];
+        history.forEach(function(r) {
+            [r.loss, r.loss_instance, r.loss_prior].forEach(function(v) { if (v != null) losses.push(v); });
+        });
         var lo = Math.min.apply(null, losses), hi = Math.max.apply(null, losses);
         if (hi === lo) hi = lo + 1e-9;
         var s0 = history[0].step, s1 = history[history.length - 1].step;
@@ -29,14 +32,21 @@
         ctx.fillText(hi.toPrecision(3), 0, 12);
         ctx.fillText(lo.toPrecision(3), 0, h - pad);
         ctx.fillText("step " + s1, w - 70, h - 8);
-        ctx.strokeStyle = "#f97316";
-        ctx.beginPath();
-        history.forEach(function(r, i) {
-            var x = pad + (w - pad - 5) * (r.step - s0) / Math.max(1, s1 - s0);
-            var y = 5 + (h - pad) * (1 - (r.loss - lo) / (hi - lo));
-            if (i === 0) ctx.moveTo(x, y); else ctx.lineTo(x, y);
+        // the loss, and with prior preservation (DreamBooth) its instance and class parts
+        [["loss", "#f97316"], ["loss_instance", "#3b82f6"], ["loss_prior", "#22c55e"]].forEach(function(line) {
+            var rows = history.filter(function(r) { return r[line[0]] != null; });
+            if (rows.length < 2) return;
+            ctx.strokeStyle = line[1];
+            ctx.beginPath();
+            rows.forEach(function(r, i) {
+                var x = pad + (w - pad - 5) * (r.step - s0) / Math.max(1, s1 - s0);
+                var v = Math.min(hi, Math.max(lo, r[line[0]]));
+                var y = 5 + (h - pad) * (1 - (v - lo) / (hi - lo));
+                if (i === 0) ctx.moveTo(x, y); else ctx.lineTo(x, y);
+            });
+            ctx.stroke();
+            if (line[0] !== "loss") ctx.fillText(line[0].replace("loss_", ""), w - 70, line[0] === "loss_prior" ? 34 : 22);
         });
-        ctx.stroke();
     }
 
     function trainerRender(job) {
@@ -47,8 +57,9 @@
             var speed = job.steps_per_s ? ", " + job.steps_per_s.toFixed(2) + " it/s" : "";
             var loss = job.loss == null ? "" : ", loss " + job.loss.toFixed(5);
             var err = job.error ? '<div class="trainer-error">' + job.error.replace(/</g, "&lt;") + "</div>" : "";
+            var status = job.status ? " (" + job.status.replace(/</g, "&lt;") + ")" : "";
             bar.innerHTML = '<div class="trainer-bar"><div style="width:' + pct + '%"></div></div>' +
-                '<div class="trainer-text">' + job.state + ": step " + job.step + "/" + job.total_steps +
+                '<div class="trainer-text">' + job.state + status + ": step " + job.step + "/" + job.total_steps +
                 loss + speed + eta + "</div>" + err;
         }
         trainerState.history = trainerState.history.concat(job.history);

@@ -138,7 +138,7 @@ def test_training_saves_numbered_copies_log_and_main_file(parts, image_dir, path
     assert sidecar_path(main).is_file()
     webui_loads(main, parts.text_encoder.dim)
     lines = (run / "loss.csv").read_text().splitlines()
-    assert lines[0] == "step,loss,learning_rate,elapsed_s"
+    assert lines[0] == "step,loss,learning_rate,elapsed_s,loss_instance,loss_prior"  # parts: prior preservation only
     assert len(lines) == 7
     assert [row["step"] for row in result.history] == [1, 2, 3, 4, 5, 6]
     assert sorted(p.name for p in paths.embeddings_dir.iterdir()) == [
