@@ -192,6 +192,8 @@ def bench_dreambooth(
     weights precision); the host model is restored afterwards as in a real run."""
     parts = model_parts(model)
     optimizer = options.pop("optimizer", "adafactor")
+    if options.get("weights_precision") == "bf16" and precision == "no":
+        precision = "bf16"  # bf16 weights compute under autocast
     config = build(
         dreambooth.DreamBoothConfig,
         {

@@ -408,6 +408,9 @@ def test_submit_time_checks_name_the_concept(sd1_model, tmp_path):
     config = db.DreamBoothConfig.from_dict(job(tmp_path, [{"instance_dir": data, "class_dir": str(empty)}]))
     with pytest.raises(DatasetError, match="holds no images and class_images is 0"):
         db.check(config, parts, out_paths(tmp_path))
+    bf16 = db.DreamBoothConfig.from_dict(job(tmp_path, [{"instance_dir": data}], weights_precision="bf16"))
+    with pytest.raises(ConfigError, match="computes under autocast"):
+        db.check(bf16, parts, out_paths(tmp_path))
     cfg = job(tmp_path, [{"instance_dir": data}])
     cfg["train"] = {"optimizer": "adamw8bit"}
     with pytest.raises(ConfigError, match="needs a CUDA GPU"):
@@ -480,3 +483,22 @@ def test_dreambooth_submit_errors_name_the_field(webui):
     with pytest.raises(ConfigError) as info:
         webui.manager.submit("dreambooth", config)
     assert info.value.field == "class_generation.sampler"
+
+
+def test_bf16_weights_train_and_the_fp32_host_comes_back_bit_identical(sd1_model, tmp_path):
+    """The storage-dtype change path (the WebUI's fp16 weights trained in fp32 take the same one)."""
+    parts = parts_from_ldm(sd1_model)
+    data = write_images(tmp_path / "a")
+    cfg = job(tmp_path, [{"instance_dir": str(data)}], weights_precision="bf16", train_text_encoder=True)
+    cfg["train"]["mixed_precision"] = "bf16"
+    config = db.DreamBoothConfig.from_dict(cfg)
+    dtypes = []
+
+    class Probe(Hooks):
+        def on_progress(self, progress):
+            dtypes.append({p.dtype for p in sd1_model.model.diffusion_model.parameters() if p.dim() > 1})
+
+    before = host_state(sd1_model)
+    db.train_dreambooth(config, parts, out_paths(tmp_path), Probe())
+    assert dtypes[0] == {torch.bfloat16}
+    assert same_state(before, host_state(sd1_model))

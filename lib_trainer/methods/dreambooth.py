@@ -260,8 +260,9 @@ class FullTrainable:
         with restored_weights(self.parameters()) as base:
             self.base = base
             for param in self.parameters():
-                if param.dtype != dtype:
-                    param.data = param.data.to(dtype)
+                wanted = dtype if param.dim() > 1 else torch.float32  # norms and biases stay fp32 (tiny; norm kernels)
+                if param.dtype != wanted:
+                    param.data = param.data.to(wanted)
                 param.requires_grad_(True)
             with checkpointed(blocks):
                 yield
@@ -357,8 +358,14 @@ def check(config: DreamBoothConfig, parts: ModelParts, paths: OutputPaths) -> No
     check_log_folder(paths.log_dir, paths.checkpoint_dir, "checkpoint")
     if parts.model is None:
         raise UnsupportedModelError("this host does not give the whole model, so no checkpoint can be written")
-    resolve_precision(config.train.mixed_precision, parts.device)
+    precision = resolve_precision(config.train.mixed_precision, parts.device)
     check_optimizer(config.train.optimizer, parts.device)
+    if cfg.weights_precision == "bf16" and precision == "no":
+        raise ConfigError(
+            "dreambooth.weights_precision 'bf16' computes under autocast; set train.mixed_precision to 'bf16' (or "
+            "'auto' on a GPU), or keep the weights in 'fp32'",
+            field="dreambooth.weights_precision",
+        )
     if cfg.weights_precision == "bf16" and parts.device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise ConfigError(
             "dreambooth.weights_precision 'bf16' is not supported by this GPU; use 'fp32'",
