@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import random
 from collections.abc import Callable
 from pathlib import Path
@@ -10,7 +12,7 @@ from typing import Any
 import torch
 
 from lib_trainer.config import to_json
-from lib_trainer.data.dataset import LatentCache, PromptMaker, Sample, TrainingBatches
+from lib_trainer.data.dataset import LatentCache, PromptMaker, Sample, TrainingBatches, batches_per_epoch
 from lib_trainer.data.latent_store import latent_store
 from lib_trainer.errors import ConfigError
 from lib_trainer.formats.files import is_inside, write_bytes_atomic
@@ -55,6 +57,17 @@ def train_on_dataset(
     objective = objective or DiffusionObjective(config.train.noise_offset, config.train.min_snr_gamma)
     loss_log = LossLog(trainable.run_dir / "loss.csv", trainable.start_step)
     return train(parts, trainable, source, objective, config.train, hooks, loss_log)
+
+
+def resolve_epochs(config: Any, samples: list[Sample]) -> Any:
+    """``config`` with ``epochs`` / ``save_every_epochs`` (when > 0) turned into ``train.steps`` / ``save_every``."""
+    per_epoch = math.ceil(batches_per_epoch(samples, config.train.batch_size) / config.train.gradient_accumulation)
+    train_cfg = config.train
+    if config.epochs:
+        train_cfg = dataclasses.replace(train_cfg, steps=config.epochs * per_epoch)
+    if config.save_every_epochs:
+        train_cfg = dataclasses.replace(train_cfg, save_every=config.save_every_epochs * per_epoch)
+    return dataclasses.replace(config, train=train_cfg)
 
 
 def check_log_folder(log_dir: Path, output_dir: Path, what: str) -> None:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import math
 import os
 import shutil
 import time
@@ -38,7 +37,7 @@ from lib_trainer.config import (
     setting,
     to_json,
 )
-from lib_trainer.data.dataset import Sample, batches_per_epoch, check_image_folders, load_training_set
+from lib_trainer.data.dataset import Sample, check_image_folders, load_training_set
 from lib_trainer.data.report import tag_frequency
 from lib_trainer.errors import ConfigError, DatasetError, FormatError, UnsupportedModelError
 from lib_trainer.formats.files import check_name, is_inside, path_in, safetensors_keys, write_atomic
@@ -51,7 +50,7 @@ from lib_trainer.loop.precision import resolve_precision
 from lib_trainer.loop.schedules import parse_learning_rate
 from lib_trainer.loop.train import Objective, TrainResult
 from lib_trainer.methods.class_images import ClassImageConfig, class_image_count, ensure_class_images
-from lib_trainer.methods.common import check_log_folder, train_on_dataset
+from lib_trainer.methods.common import check_log_folder, resolve_epochs, train_on_dataset
 from lib_trainer.methods.concept_batches import ConceptBatches
 from lib_trainer.methods.lora_extract import extract_lora
 from lib_trainer.models.checkpointing import checkpoint_targets, checkpointed
@@ -473,16 +472,6 @@ def _check_captions(samples: list[Sample], data: Any, index: int) -> None:
         )
 
 
-def _resolve_steps(config: DreamBoothConfig, instance: list[Sample]) -> DreamBoothConfig:
-    per_epoch = math.ceil(batches_per_epoch(instance, config.train.batch_size) / config.train.gradient_accumulation)
-    train_cfg = config.train
-    if config.epochs:
-        train_cfg = dataclasses.replace(train_cfg, steps=config.epochs * per_epoch)
-    if config.save_every_epochs:
-        train_cfg = dataclasses.replace(train_cfg, save_every=config.save_every_epochs * per_epoch)
-    return dataclasses.replace(config, train=train_cfg)
-
-
 def train_dreambooth(
     config: DreamBoothConfig,
     parts: ModelParts,
@@ -498,7 +487,7 @@ def train_dreambooth(
         return TrainResult(0, 0, True)
     concepts = load_concepts(config, hooks)
     instance = [s for inst, _ in concepts for s in inst]
-    config = _resolve_steps(config, instance)
+    config = resolve_epochs(config, instance)
     samples = instance + [s for _, classes in concepts for s in classes]
     trainable = FullTrainable(config, parts, paths, samples)
     batches = ConceptBatches.factory(concepts, hooks.on_warning)

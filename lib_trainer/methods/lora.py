@@ -16,7 +16,6 @@ import collections
 import contextlib
 import dataclasses
 import json
-import math
 import re
 import time
 import uuid
@@ -37,7 +36,7 @@ from lib_trainer.config import (
     setting,
     to_json,
 )
-from lib_trainer.data.dataset import Sample, batches_per_epoch, check_image_folders, load_training_set
+from lib_trainer.data.dataset import Sample, check_image_folders, load_training_set
 from lib_trainer.data.report import bucket_info, folder_stats, tag_frequency
 from lib_trainer.data.templates import load_template
 from lib_trainer.errors import ConfigError, FormatError, UnsupportedModelError
@@ -48,7 +47,13 @@ from lib_trainer.loop.hooks import TrainingHooks
 from lib_trainer.loop.precision import resolve_precision
 from lib_trainer.loop.schedules import parse_learning_rate
 from lib_trainer.loop.train import Objective, TrainResult
-from lib_trainer.methods.common import check_log_folder, check_total_steps, resumed_step, train_on_dataset
+from lib_trainer.methods.common import (
+    check_log_folder,
+    check_total_steps,
+    resolve_epochs,
+    resumed_step,
+    train_on_dataset,
+)
 from lib_trainer.models.fused_attention import FusedAttentionTargets, fused_attention_patched
 from lib_trainer.models.kohya_names import UNET_PREFIX, unet_key_table
 from lib_trainer.models.parts import ModelParts
@@ -490,16 +495,6 @@ def _dataset_metadata(data: DataConfig, samples: list[Sample]) -> dict[str, str]
     return meta
 
 
-def _resolve_steps(config: LoraConfig, samples: list[Sample]) -> LoraConfig:
-    per_epoch = math.ceil(batches_per_epoch(samples, config.train.batch_size) / config.train.gradient_accumulation)
-    train_cfg = config.train
-    if config.epochs:
-        train_cfg = dataclasses.replace(train_cfg, steps=config.epochs * per_epoch)
-    if config.save_every_epochs:
-        train_cfg = dataclasses.replace(train_cfg, save_every=config.save_every_epochs * per_epoch)
-    return dataclasses.replace(config, train=train_cfg)
-
-
 def check(config: LoraConfig, parts: ModelParts, paths: OutputPaths) -> None:
     """Everything knowable before training, without loading the images (run when a job is queued and at its start)."""
     check_log_folder(paths.log_dir, paths.lora_dir, "LoRA")
@@ -530,7 +525,7 @@ def prepare(
     """Validate everything and load the data before anything is written."""
     check(config, parts, paths)
     samples, template = load_training_set(config.data, hooks.on_warning)
-    return _resolve_steps(config, samples), samples, template
+    return resolve_epochs(config, samples), samples, template
 
 
 def train_lora(
