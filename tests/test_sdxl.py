@@ -526,7 +526,9 @@ def test_sdxl_sizes_default_to_1024_and_lora_keys_all_match_the_webui(sdxl_webui
     del sdxl_model.network_layer_mapping
 
 
-def test_merged_webui_loras_are_unmerged_through_sdxls_prompt_entry(sdxl_webui, sdxl_model, monkeypatch):
+def test_merged_webui_loras_are_unmerged_under_no_grad(sdxl_webui, sdxl_model, monkeypatch):
+    """Every layer still holding merged LoRA weights (UNet ones too) is put back by the Lora extension's own
+    network_apply_weights before training, under no_grad (DreamBooth then trains those weights)."""
     import sys
 
     from tests.test_webui_glue import FakeNetworks
@@ -534,8 +536,17 @@ def test_merged_webui_loras_are_unmerged_through_sdxls_prompt_entry(sdxl_webui, 
     networks = FakeNetworks(sdxl_model)
     networks.loaded_networks.append("a LoRA the user generated with")
     monkeypatch.setitem(sys.modules, "networks", networks)
+    merged = [sdxl_model.model.diffusion_model.out[2], sdxl_model.conditioner.embedders[0]]
     calls = []
-    monkeypatch.setattr(sdxl_model, "get_learned_conditioning", calls.append, raising=False)
+
+    def apply(module):
+        calls.append((module, torch.is_grad_enabled()))
+        module.network_current_names = ()
+
+    networks.network_apply_weights = apply
+    for module in merged:
+        module.network_current_names = (("zq", 1.0, 1.0, None),)
     sdxl_webui.host.clear_merged_networks()
     assert networks.loaded_networks == []
-    assert calls == [[""]]
+    assert calls == [(m, False) for m in sdxl_model.modules() if m in merged]
+    assert all(not m.__dict__.pop("network_current_names") for m in merged)

@@ -28,6 +28,7 @@ from modules import initialize, shared_init
 initialize.imports()
 shared_init.initialize()
 from modules import call_queue, paths_internal, processing, script_callbacks, sd_hijack, sd_samplers, shared
+from modules import sd_models
 from modules import deepbooru, scripts_postprocessing, ui_components
 from modules.textual_inversion import textual_inversion
 sys.path.insert(0, EXTENSION_ROOT)
@@ -91,6 +92,10 @@ print(json.dumps({
                     and host.sampler_names() == sorted({s.name for s in sd_samplers.all_samplers}),
     "callbacks": all(callable(getattr(script_callbacks, n, None))
                      for n in ("on_ui_tabs", "on_ui_settings", "on_app_started")),
+    "sd_models": [callable(sd_models.list_models), "info" in params(sd_models.reload_model_weights),
+                  callable(getattr(sd_models.CheckpointInfo, "register", None)),
+                  "filename" in params(sd_models.CheckpointInfo.__init__), isinstance(sd_models.model_path, str),
+                  hasattr(shared.cmd_opts, "ckpt_dir"), isinstance(shared.opts.data, dict)],
     "host_imported": host.__name__,
     "sdxl": sdxl_surface(),
     "extras": [hasattr(scripts_postprocessing, "ScriptPostprocessing"), callable(ui_components.InputAccordion),
@@ -100,7 +105,7 @@ print(json.dumps({
               + [callable(getattr(deepbooru.model, n, None)) for n in ("start", "tag_multi", "stop")],
     "networks": [callable(getattr(networks, n, None)) for n in
                  ("convert_diffusers_name_to_compvis", "assign_network_names_to_compvis_modules",
-                  "list_available_networks")] + [isinstance(networks.loaded_networks, list),
+                  "list_available_networks", "network_apply_weights")] + [isinstance(networks.loaded_networks, list),
                  hasattr(networks.re_x_proj, "match")],
 }))
 """

@@ -133,7 +133,7 @@ class DreamBoothModelConfig:
 
 
 def _default_train() -> TrainConfig:
-    return TrainConfig(learning_rate="2e-6", optimizer="adafactor", save_every=0, preview_every=0)
+    return TrainConfig(learning_rate="2e-6", optimizer="adafactor", save_every=0)  # numbered copies: 2-7 GB each
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,8 @@ The host surface used here, kept honest by tests/test_webui_real.py against a re
     modules.deepbooru.model (start, tag_multi, stop)
     sys.modules["networks"] (the built-in Lora extension, when loaded): loaded_networks, list_available_networks(),
         assign_network_names_to_compvis_modules(sd_model), convert_diffusers_name_to_compvis(key, is_sd2),
-        re_x_proj; shared.sd_model.network_layer_mapping
+        re_x_proj, network_apply_weights(module) and modules' network_current_names;
+        shared.sd_model.network_layer_mapping
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from fastapi import Depends, HTTPException, Request
 from modules import call_queue, paths_internal, processing, sd_hijack, sd_models, sd_samplers, shared
 
@@ -240,17 +242,25 @@ def queue_lock() -> contextlib.AbstractContextManager:
 
 
 def clear_merged_networks() -> None:
-    """Unmerge LoRAs the built-in Lora extension left in the weights after a generation."""
+    """Unmerge LoRAs the built-in Lora extension left in the weights after a generation.
+
+    With no networks loaded, its own ``network_apply_weights`` puts every layer that still holds merged weights back
+    from its backup. Done here under ``no_grad`` for every such layer (UNet and text encoders alike): left to the
+    first training forward, the extension would restore them in place on weights that then require grad
+    (DreamBooth), which torch refuses.
+    """
     networks = sys.modules.get("networks")
     loaded = getattr(networks, "loaded_networks", None)
-    if loaded:
-        loaded.clear()
-        model = shared.sd_model
-        # one forward with no networks restores the backed-up weights (SDXL's cond_stage_model is the
-        # conditioner, which takes a batch dict: its get_learned_conditioning takes the prompts)
-        encode = getattr(model, "get_learned_conditioning", None) or model.cond_stage_model
-        with contextlib.suppress(Exception):
-            encode([""])
+    if loaded is None:
+        return
+    loaded.clear()
+    apply = getattr(networks, "network_apply_weights", None)
+    if apply is None:
+        return
+    with torch.no_grad():
+        for module in shared.sd_model.modules():
+            if getattr(module, "network_current_names", ()):
+                apply(module)
 
 
 def reset_conditioning_cache() -> None:
@@ -306,8 +316,12 @@ def unmatched_lora_keys(path: Path) -> list[str]:
 
 def refresh_checkpoints() -> None:
     """Rescan the checkpoint folders (the list the checkpoint dropdown's refresh button shows) and the Lora folder
-    (an extracted LoRA)."""
+    (an extracted LoRA). The selected checkpoint is kept: under ``--ckpt`` ``list_models`` resets the option to that
+    file, and the next generation would silently load it instead of the model the user (or keep_loaded) chose."""
+    selected = shared.opts.data.get("sd_model_checkpoint")
     sd_models.list_models()
+    if selected is not None:
+        shared.opts.data["sd_model_checkpoint"] = selected
     refresh_loras()
 
 

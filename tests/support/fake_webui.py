@@ -274,9 +274,12 @@ def install(model: Any, root: Path) -> types.SimpleNamespace:
     sd_models = mods["modules.sd_models"]
     sd_models.model_path = str(root / "models" / "Stable-diffusion")
     sd_models.checkpoints_list, sd_models.loaded = {}, []
-    sd_models.list_models = lambda: sd_models.checkpoints_list.update(
-        {p.name: p for p in Path(sd_models.model_path).glob("*.safetensors")}
-    )
+
+    def list_models():  # as under --ckpt: the selected checkpoint option is reset to that file
+        sd_models.checkpoints_list.update({p.name: p for p in Path(sd_models.model_path).glob("*.safetensors")})
+        shared.opts.data["sd_model_checkpoint"] = "the --ckpt file"
+
+    sd_models.list_models = list_models
     sd_models.CheckpointInfo = FakeCheckpointInfo
     sd_models.reload_model_weights = lambda sd_model=None, info=None, forced_reload=False: sd_models.loaded.append(info)
     callbacks = mods["modules.script_callbacks"]
