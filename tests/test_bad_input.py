@@ -70,7 +70,7 @@ def valid_request(method: str, webui) -> dict[str, Any]:
         concept["class_prompt"] = "a photo"
         return {"dreambooth": {"name": "zqbad"}, "concepts": [concept], "data": {"width": 64, "height": 64}}
     if method == "embedding_finetune":
-        return {"finetune": {"name": "zqbad", "tokens": "cat"}, "data": data, "train": train}
+        return {"finetune": {"name": "zqbad", "tokens": "red"}, "data": data, "train": train}
     return {"input_dir": str(webui.data), "output_dir": str(webui.root / "prepared")}
 
 

@@ -133,7 +133,9 @@ def test_bad_rows_settings(sd1_model, tmp_path):
         rows.EmbeddingFinetuneConfig.from_dict(job(tmp_path, tokens=" , "))
     data = write_images(tmp_path / "data")
     parts = parts_from_ldm(sd1_model)
-    config = rows.EmbeddingFinetuneConfig.from_dict(job(data))
+    with pytest.raises(ConfigError, match="no training prompt contains"):  # the captions never say "dog"
+        rows.train_rows(rows.EmbeddingFinetuneConfig.from_dict(job(data)), parts, paths(tmp_path))
+    config = rows.EmbeddingFinetuneConfig.from_dict(job(data, tokens="blue"))
     rows.train_rows(config, parts, paths(tmp_path))
     with pytest.raises(ConfigError, match="already exists"):
         rows.check(config, parts, paths(tmp_path))
@@ -141,7 +143,12 @@ def test_bad_rows_settings(sd1_model, tmp_path):
 
 def test_an_embedding_finetune_job_on_the_fake_webui(webui):
     request = job(webui.data, apply_to_checkpoint=True)
-    request["data"]["template"] = "subject"
+    request["data"]["template"] = "subject"  # "a photo of [name]": with [name] = zqrows no prompt says "dog"
+    with pytest.raises(ConfigError, match="no training prompt contains") as info:
+        webui.manager.submit("embedding_finetune", request)
+    assert info.value.field == "finetune.tokens"
+    request = job(webui.data, apply_to_checkpoint=True, tokens="red")  # the captions are "red, blue, tagN"
+    request["data"]["template"] = "subject_filewords"
     done = webui.manager.wait(webui.manager.submit("embedding_finetune", request, {"enabled": False}).id, 120)
     assert done.state == "done", done.error
     assert (webui.root / "trainer" / "token_rows" / "zqrows.safetensors").is_file()

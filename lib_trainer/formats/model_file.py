@@ -78,3 +78,13 @@ def save_checkpoint(path: Path, tensors: dict[str, torch.Tensor], metadata: dict
     cast = finite_for_saving(tensors, dtype, f"checkpoint {Path(path).stem}", fix, "save_precision")
     meta = {k: str(v) for k, v in metadata.items()}
     return write_atomic(Path(path), lambda tmp: safetensors.torch.save_file(cast, str(tmp), metadata=meta))
+
+
+def copy_model_config(source_checkpoint: str | None, written: Path) -> None:
+    """The ``.yaml`` beside the loaded checkpoint (SD2-v and other configs the WebUI reads there), copied beside a
+    checkpoint written from it, so the new file loads with the same config."""
+    if not source_checkpoint:
+        return
+    source = Path(source_checkpoint).with_suffix(".yaml")
+    if source.is_file():
+        write_atomic(Path(written).with_suffix(".yaml"), lambda tmp: shutil.copyfile(source, tmp))

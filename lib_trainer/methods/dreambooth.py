@@ -40,8 +40,14 @@ from lib_trainer.config import (
 from lib_trainer.data.dataset import Sample, check_image_folders, load_training_set
 from lib_trainer.data.report import tag_frequency
 from lib_trainer.errors import ConfigError, DatasetError, FormatError, UnsupportedModelError
-from lib_trainer.formats.files import check_name, is_inside, path_in, safetensors_keys, write_atomic
-from lib_trainer.formats.model_file import DTYPES, checkpoint_tensors, estimated_size, save_checkpoint
+from lib_trainer.formats.files import check_name, is_inside, path_in, safetensors_keys
+from lib_trainer.formats.model_file import (
+    DTYPES,
+    checkpoint_tensors,
+    copy_model_config,
+    estimated_size,
+    save_checkpoint,
+)
 from lib_trainer.loop.checkpoint import ResumeState
 from lib_trainer.loop.hooks import TrainingHooks
 from lib_trainer.loop.optimizers import NAMES as OPTIMIZER_NAMES
@@ -302,7 +308,7 @@ class FullTrainable:
         tensors = model_tensors(self.parts, self.keys)
         main = save_checkpoint(self.main_path, tensors, self.metadata(step), cfg.save_precision)
         written = [main]
-        _copy_model_config(self.parts, main)
+        copy_model_config(self.parts.checkpoint_file, main)
         every = self.config.train.save_every
         if every and step % every == 0 and step < self.config.train.steps:
             written.append(_numbered_copy(main, self.run_dir / "checkpoints" / f"{self.name}-{step:06d}.safetensors"))
@@ -325,16 +331,6 @@ class FullTrainable:
             "trainer_method": "dreambooth-extract",
             "trainer_config": to_json(self.config),
         }
-
-
-def _copy_model_config(parts: ModelParts, written: Path) -> None:
-    """The loaded checkpoint's ``.yaml`` (SD2-v and other configs the WebUI reads beside a file), copied beside the
-    new checkpoint so it loads with the same config."""
-    if not parts.checkpoint_file:
-        return
-    source = Path(parts.checkpoint_file).with_suffix(".yaml")
-    if source.is_file():
-        write_atomic(written.with_suffix(".yaml"), lambda tmp: shutil.copyfile(source, tmp))
 
 
 def _numbered_copy(main: Path, numbered: Path) -> Path:

@@ -29,7 +29,7 @@ from lib_trainer.data.dataset import check_image_folders, load_training_set
 from lib_trainer.data.templates import load_template
 from lib_trainer.errors import ConfigError, FormatError
 from lib_trainer.formats.files import check_name, path_in, write_bytes_atomic
-from lib_trainer.formats.model_file import checkpoint_key, save_checkpoint
+from lib_trainer.formats.model_file import checkpoint_key, copy_model_config, save_checkpoint
 from lib_trainer.loop.checkpoint import ResumeState
 from lib_trainer.loop.hooks import TrainingHooks
 from lib_trainer.loop.precision import resolve_precision
@@ -241,7 +241,9 @@ def check(config: EmbeddingFinetuneConfig, parts: ModelParts, paths: OutputPaths
     resolve_precision(config.train.mixed_precision, parts.device)
     for _, encoder in encoders(parts):
         token_ids(cfg, encoder)
-    load_template(config.data.template)
+    template = load_template(config.data.template)
+    if not any("[filewords]" in line for line in template):  # captions are read at the start of the run
+        _check_words_occur(config, [], template)
     check_image_folders(config.data)
     targets = [path_in(paths.rows_dir, f"{cfg.name}.safetensors")]
     if cfg.apply_to_checkpoint:
@@ -258,6 +260,25 @@ def check(config: EmbeddingFinetuneConfig, parts: ModelParts, paths: OutputPaths
             )
 
 
+def _check_words_occur(config: EmbeddingFinetuneConfig, samples: list, template: list[str]) -> None:
+    """Refuse a run whose prompts never contain the chosen words: their rows would get no gradient."""
+    cfg = config.finetune
+    if cfg.whole_matrix:
+        return
+    texts = [line.replace("[name]", cfg.name) for line in template if "[filewords]" not in line]
+    if any("[filewords]" in line for line in template):
+        texts += [s.caption or s.folder_caption or "" for s in samples]
+    texts.append(config.data.trigger_word)
+    words = [w.lower() for w in cfg.words()]
+    if not any(w in text.lower() for text in texts for w in words):
+        raise ConfigError(
+            f"no training prompt contains any of finetune.tokens ({cfg.tokens!r}): template "
+            f"{config.data.template!r} with [name] = {cfg.name!r} and the captions never mention them, so their "
+            "rows would not train. Put the words in the captions (with a [filewords] template) or the trigger word",
+            field="finetune.tokens",
+        )
+
+
 def train_rows(
     config: EmbeddingFinetuneConfig,
     parts: ModelParts,
@@ -269,6 +290,7 @@ def train_rows(
     hooks = hooks or TrainingHooks()
     check(config, parts, paths)
     samples, template = load_training_set(config.data, hooks.on_warning)
+    _check_words_occur(config, samples, template)
     trainable = RowsTrainable(config, parts, paths)
     data = (samples, template, config.finetune.name)
     result = train_on_dataset(config, parts, trainable, data, paths.log_dir, hooks, objective)
@@ -277,6 +299,7 @@ def train_rows(
         target = path_in(paths.checkpoint_dir, f"{config.finetune.name}.safetensors")
         meta = trainable.metadata(result.step)
         written = save_checkpoint(target, tensors, meta, config.finetune.save_precision)
+        copy_model_config(parts.checkpoint_file, written)
         result.saved.append(written)
         hooks.on_saved(written, result.step)
     return result
