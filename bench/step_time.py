@@ -192,6 +192,7 @@ def bench_dreambooth(
     weights precision); the host model is restored afterwards as in a real run."""
     parts = model_parts(model)
     optimizer = options.pop("optimizer", "adafactor")
+    checkpointing = options.pop("gradient_checkpointing", True)
     if options.get("weights_precision") == "bf16" and precision == "no":
         precision = "bf16"  # bf16 weights compute under autocast
     config = build(
@@ -204,6 +205,7 @@ def bench_dreambooth(
                 "batch_size": batch,
                 "mixed_precision": precision,
                 "optimizer": optimizer,
+                "gradient_checkpointing": checkpointing,
                 "learning_rate": "1e-6",
                 "save_every": 0,
                 "preview_every": 0,

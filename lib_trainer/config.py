@@ -41,6 +41,12 @@ def build(cls: type[T], data: dict[str, Any] | None, path: str = "") -> T:
             f"valid settings here are: {', '.join(sorted(fields))}",
             field=_join(path, str(unknown[0])),
         )
+    for name, value in data.items():  # a section given in part keeps the method's own defaults for the rest
+        if isinstance(value, dict) and fields[name].default_factory is not dataclasses.MISSING:
+            defaults = fields[name].default_factory()
+            if dataclasses.is_dataclass(defaults):
+                own = {f.name: getattr(defaults, f.name) for f in dataclasses.fields(defaults) if f.init}
+                data[name] = {**own, **value}
     kwargs = {name: _coerce(hints[name], value, _join(path, name)) for name, value in data.items()}
     missing = [n for n, f in fields.items() if n not in kwargs and _has_no_default(f)]
     if missing:
@@ -348,6 +354,7 @@ class TrainConfig:
     clip_grad: Literal["off", "norm", "value"] = "off"
     clip_grad_value: float = setting(1.0, low=1e-12, high=1e6)
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"
+    gradient_checkpointing: bool = False  # recompute UNet-block (and trained text-encoder) activations: less memory
     seed: int = setting(0, low=0, high=2**32 - 1)
     clip_skip: int = setting(0, low=0, high=12, hint="0 uses the WebUI's Clip skip setting")  # 0 = the host's
     save_every: int = setting(500, low=0, high=10_000_000)  # 0 = only at the end

@@ -502,3 +502,12 @@ def test_bf16_weights_train_and_the_fp32_host_comes_back_bit_identical(sd1_model
     db.train_dreambooth(config, parts, out_paths(tmp_path), Probe())
     assert dtypes[0] == {torch.bfloat16}
     assert same_state(before, host_state(sd1_model))
+
+
+def test_a_partly_given_train_section_keeps_the_methods_defaults(tmp_path):
+    """An API job giving only some train settings keeps DreamBooth's (not the generic) learning rate, optimizer
+    and checkpointing for the rest."""
+    config = db.DreamBoothConfig.from_dict(job(tmp_path, [{"instance_dir": str(tmp_path)}]) | {"train": {"steps": 9}})
+    train_cfg = config.train
+    assert (train_cfg.steps, train_cfg.learning_rate, train_cfg.optimizer) == (9, "2e-6", "adafactor")
+    assert train_cfg.gradient_checkpointing

@@ -385,3 +385,21 @@ def test_training_with_masks_regularisation_and_disk_cache(sd1_model, tmp_path):
     request["network"]["overwrite"] = True
     train_lora(LoraConfig.from_dict(request), parts, paths)
     assert sorted((paths.log_dir / "latent-cache").iterdir()) == cached
+
+
+@pytest.mark.parametrize("text_encoder", [False, True])
+def test_gradient_checkpointing_trains_the_same_network(sd1_model, image_dir, tmp_path, text_encoder):
+    """train.gradient_checkpointing (UNet blocks, and text-encoder layers when they train) changes memory, not
+    results: the same weights after a few steps, and no block keeps a wrapped forward."""
+    parts = parts_from_ldm(sd1_model)
+    results = []
+    for checkpointing in (False, True):
+        request = lora_request(image_dir, train_text_encoder=text_encoder, save_precision="fp32")
+        request["train"] |= {"gradient_checkpointing": checkpointing, "save_every": 0}
+        config = LoraConfig.from_dict(request)
+        result = train_lora(config, parts, OutputPaths(tmp_path / f"L{checkpointing}", tmp_path / f"g{checkpointing}"))
+        results.append(([r["loss"] for r in result.history], read_network(result.saved[-1])[0]))
+    (loss_a, tensors_a), (loss_b, tensors_b) = results
+    assert loss_a == pytest.approx(loss_b, rel=1e-5)
+    assert all(torch.allclose(tensors_a[k], tensors_b[k], atol=1e-6) for k in tensors_a)
+    assert not any("forward" in m.__dict__ for m in sd1_model.modules())

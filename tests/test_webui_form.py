@@ -78,7 +78,7 @@ def test_dreambooth_form_rows_become_the_concept_list(tmp_path):
     assert [c.instance_dir for c in config.concepts] == [str(tmp_path / "a"), str(tmp_path / "c")]
     assert [c.prior for c in config.concepts] == [False, True]
     assert config.train.optimizer == "adafactor"
-    assert config.dreambooth.gradient_checkpointing
+    assert config.train.gradient_checkpointing
 
 
 def test_api_schema_offers_every_method():

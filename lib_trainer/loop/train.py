@@ -26,6 +26,7 @@ from lib_trainer.loop.hooks import Progress, TrainingHooks
 from lib_trainer.loop.optimizers import build_optimizer
 from lib_trainer.loop.precision import autocast, grad_scaler, resolve_precision
 from lib_trainer.loop.schedules import LearningRate
+from lib_trainer.models.checkpointing import checkpoint_targets, checkpointed
 from lib_trainer.models.guard import frozen_host
 from lib_trainer.models.parts import ModelParts
 
@@ -36,7 +37,8 @@ class Trainable(Protocol):
     A trainable may also define ``param_groups()`` -> ``[{"params": [...], "lr_scale": float, "stop_at": int}]``
     for per-group learning rates (the schedule's rate times ``lr_scale``; 0 after step ``stop_at``), and
     ``resume_masters = False`` when its saves do not keep a resume state (full fine-tuning: an fp32 copy of a
-    whole UNet at every save would cost gigabytes for nothing).
+    whole UNet at every save would cost gigabytes for nothing), and ``trains_text_encoder = True`` when gradients
+    flow through text-encoder weights it trains (``train.gradient_checkpointing`` then covers its layers too).
     """
 
     start_step: int
@@ -211,7 +213,9 @@ def train(
     schedule = LearningRate(config.learning_rate, config.lr_schedule, config.lr_warmup_steps, config.steps)
     scaler = grad_scaler(parts.device, precision)
     started, stopped = time.monotonic(), False
-    with frozen_host(parts.host_modules.values()), trainable.attach(parts):
+    blocks = checkpoint_targets(parts, getattr(trainable, "trains_text_encoder", False))
+    checkpoints = checkpointed(blocks if config.gradient_checkpointing else [])
+    with frozen_host(parts.host_modules.values()), trainable.attach(parts), checkpoints:
         hooks.on_start(config.steps, run.step)
         try:
             while run.step < config.steps:

@@ -59,7 +59,6 @@ from lib_trainer.methods.class_images import ClassImageConfig, class_image_count
 from lib_trainer.methods.common import check_log_folder, resolve_epochs, train_on_dataset
 from lib_trainer.methods.concept_batches import ConceptBatches
 from lib_trainer.methods.lora_extract import extract_lora
-from lib_trainer.models.checkpointing import checkpoint_targets, checkpointed
 from lib_trainer.models.guard import restored_weights
 from lib_trainer.models.parts import ModelParts
 
@@ -117,7 +116,6 @@ class DreamBoothModelConfig:
     train_text_encoder: bool = False
     text_encoder_lr: float = setting(0.0, low=0.0, high=1.0)  # 0 = the same as train.learning_rate
     stop_text_encoder_at: int = setting(0, low=0, high=10_000_000)  # 0 = never
-    gradient_checkpointing: bool = True  # recompute block activations in backward: much less memory, ~30% slower
     weights_precision: Literal["fp32", "bf16"] = "fp32"  # bf16: kohya's full_bf16 (half the memory, coarser steps)
     save_precision: Literal["fp16", "bf16", "fp32"] = "fp16"
     extract_lora_rank: int = setting(0, low=0, high=1024, hint="0 = no LoRA; 32-128 is typical")
@@ -139,7 +137,8 @@ class DreamBoothModelConfig:
 
 
 def _default_train() -> TrainConfig:
-    return TrainConfig(learning_rate="2e-6", optimizer="adafactor", save_every=0)  # numbered copies: 2-7 GB each
+    # numbered copies are 2-7 GB each: none by default; checkpointing on (full fine-tuning is memory-bound)
+    return TrainConfig(learning_rate="2e-6", optimizer="adafactor", save_every=0, gradient_checkpointing=True)
 
 
 @dataclass(frozen=True)
@@ -229,6 +228,7 @@ class FullTrainable:
         self.config, self.parts, self.paths = config, parts, paths
         self.name = config.dreambooth.name
         self.unet_params, self.text_params = trained_parameters(config.dreambooth, parts)
+        self.trains_text_encoder = bool(self.text_params)
         self.start_step, self.resume = 0, None
         self.main_path = path_in(paths.checkpoint_dir, f"{self.name}.safetensors")
         self.lora_path = path_in(paths.lora_dir, f"{self.name}.safetensors")
@@ -257,11 +257,10 @@ class FullTrainable:
 
     @contextlib.contextmanager
     def attach(self, parts: ModelParts) -> Iterator[None]:
-        """Copy the trained weights to the CPU, switch them to the training dtype with gradients, checkpoint the
-        blocks; on exit put every weight back bit-identically (also on errors and interrupts)."""
+        """Copy the trained weights to the CPU, switch them to the training dtype with gradients; on exit put every
+        weight back bit-identically (also on errors and interrupts)."""
         cfg = self.config.dreambooth
         dtype = torch.bfloat16 if cfg.weights_precision == "bf16" else torch.float32
-        blocks = checkpoint_targets(parts, bool(self.text_params)) if cfg.gradient_checkpointing else []
         with restored_weights(self.parameters()) as base:
             self.base = base
             for param in self.parameters():
@@ -269,8 +268,7 @@ class FullTrainable:
                 if param.dtype != wanted:
                     param.data = param.data.to(wanted)
                 param.requires_grad_(True)
-            with checkpointed(blocks):
-                yield
+            yield
 
     @contextlib.contextmanager
     def for_preview(self) -> Iterator[None]:

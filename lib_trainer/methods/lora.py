@@ -367,6 +367,7 @@ class NetworkTrainable:
         self.config, self.parts, self.paths = config, parts, paths
         self.name = config.network.name
         self.network = build_network(config.network, parts, config.train.seed)
+        self.trains_text_encoder = bool(self.network.text_encoder_loras)
         self.start_step, self.resume = 0, None
         self.main_path = path_in(paths.lora_dir, f"{self.name}.safetensors")
         self.run_dir = paths.log_dir / self.name

@@ -85,6 +85,7 @@ TRAIN_FIELDS: tuple[FormField, ...] = (
     FormField("train.clip_grad", "Gradient clipping", "radio", choices=("off", "norm", "value")),
     FormField("train.clip_grad_value", "Clipping value", "number", 0.0),
     FormField("train.mixed_precision", "Mixed precision", "dropdown", choices=("auto", "no", "fp16", "bf16")),
+    FormField("train.gradient_checkpointing", "Gradient checkpointing (much less VRAM, ~30% slower)", "checkbox"),
     FormField("train.seed", "Seed", "int"),
     FormField(
         "train.clip_skip", "Clip skip", "slider", 0, 12, 1, info="0 = the WebUI's Clip skip setting (shown above)"
@@ -178,7 +179,6 @@ DB_FIELDS: tuple[FormField, ...] = (
     FormField("dreambooth.train_text_encoder", "Train the text encoder(s)", "checkbox"),
     FormField("dreambooth.text_encoder_lr", "Text encoder LR (0 = same as UNet)", "number", 0.0, 1.0),
     FormField("dreambooth.stop_text_encoder_at", "Stop training the text encoder at step (0 = never)", "int", 0),
-    FormField("dreambooth.gradient_checkpointing", "Gradient checkpointing (much less VRAM, ~30% slower)", "checkbox"),
     FormField(
         "dreambooth.weights_precision",
         "Trained weights in",
