@@ -346,8 +346,10 @@ class TrainConfig:
     gradient_accumulation: int = setting(1, low=1, high=1024)
     # a number, or the WebUI's schedule syntax "0.005:100, 1e-3:1000, 1e-5" (numbers are stored as text)
     learning_rate: str | float = "0.005"
-    lr_schedule: Literal["constant", "linear", "cosine"] = "constant"
+    lr_schedule: Literal["constant", "linear", "cosine", "cosine_with_restarts", "polynomial"] = "constant"
     lr_warmup_steps: int = setting(0, low=0, high=10_000_000)
+    lr_cycles: int = setting(1, low=1, high=1000)  # cosine_with_restarts: how many cosine cycles (hard restarts)
+    lr_power: float = setting(1.0, low=0.1, high=10.0)  # polynomial: rate x (1 - progress) ** power
     # adamw8bit: bitsandbytes (CUDA, optional); adafactor: transformers' Adafactor at the given learning rate
     optimizer: Literal["adamw", "adamw8bit", "adafactor"] = "adamw"
     weight_decay: float = setting(0.0, low=0.0, high=10.0)

@@ -75,6 +75,11 @@ def test_warmup_then_cosine_and_linear_decay():
     assert cosine.at(10) == pytest.approx(1.0)
     assert cosine.at(60) == pytest.approx(0.5)
     assert cosine.at(110) == pytest.approx(0.0, abs=1e-12)
+    restarts = LearningRate("1.0", "cosine_with_restarts", 0, 100, cycles=2)
+    assert [restarts.at(s) for s in (0, 25, 50, 75)] == pytest.approx([1.0, 0.5, 1.0, 0.5])
+    assert restarts.at(100) == 0.0
+    poly = LearningRate("2.0", "polynomial", 10, 110, power=2.0)
+    assert [poly.at(s) for s in (5, 10, 60, 110)] == pytest.approx([1.0, 2.0, 0.5, 0.0])
     linear = LearningRate("1.0", "linear", 0, 100)
     assert linear.at(50) == pytest.approx(0.5)
     assert linear.at(100) == pytest.approx(0.0)

@@ -403,3 +403,20 @@ def test_gradient_checkpointing_trains_the_same_network(sd1_model, image_dir, tm
     assert loss_a == pytest.approx(loss_b, rel=1e-5)
     assert all(torch.allclose(tensors_a[k], tensors_b[k], atol=1e-6) for k in tensors_a)
     assert not any("forward" in m.__dict__ for m in sd1_model.modules())
+
+
+def test_adafactor_trains_and_is_named_in_the_metadata(sd1_model, image_dir, tmp_path):
+    parts = parts_from_ldm(sd1_model)
+    request = lora_request(image_dir, save_precision="fp32")
+    request["train"] |= {"optimizer": "adafactor", "lr_schedule": "cosine_with_restarts", "lr_cycles": 2}
+    result = train_lora(LoraConfig.from_dict(request), parts, OutputPaths(tmp_path / "Lora", tmp_path / "log"))
+    tensors, meta = read_network(result.saved[-1])
+    assert (meta["ss_optimizer"], meta["ss_lr_scheduler"]) == (
+        "transformers.optimization.Adafactor",
+        "cosine_with_restarts",
+    )
+    assert any(bool(v.any()) for k, v in tensors.items() if "lora_up" in k)  # up factors start at 0: it trained
+    request["train"]["optimizer"] = "adamw8bit"
+    request["network"]["overwrite"] = True
+    with pytest.raises(ConfigError, match="needs a CUDA GPU"):
+        train_lora(LoraConfig.from_dict(request), parts, OutputPaths(tmp_path / "Lora", tmp_path / "log"))

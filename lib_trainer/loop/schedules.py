@@ -45,9 +45,12 @@ def parse_learning_rate(text: str) -> list[tuple[float, int | None]]:
 class LearningRate:
     """Learning rate at each (1-based) optimizer step."""
 
-    def __init__(self, text: str, schedule: str, warmup_steps: int, total_steps: int):
+    def __init__(
+        self, text: str, schedule: str, warmup_steps: int, total_steps: int, cycles: int = 1, power: float = 1.0
+    ):
         self.segments = parse_learning_rate(text)
         self.schedule, self.warmup, self.total = schedule, warmup_steps, max(total_steps, 1)
+        self.cycles, self.power = cycles, power
 
     @property
     def base_rate(self) -> float:
@@ -65,6 +68,10 @@ class LearningRate:
         progress = min(max(step - self.warmup, 0) / span, 1.0)
         if self.schedule == "linear":
             return rate * (1.0 - progress)
+        if self.schedule == "polynomial":  # diffusers' polynomial decay to 0
+            return rate * (1.0 - progress) ** self.power
+        if self.schedule == "cosine_with_restarts":  # diffusers' hard restarts: each cycle decays from the full rate
+            return 0.0 if progress >= 1.0 else rate * 0.5 * (1.0 + math.cos(math.pi * ((self.cycles * progress) % 1.0)))
         return rate * 0.5 * (1.0 + math.cos(math.pi * progress))
 
     def _stepped(self, step: int) -> float:

@@ -210,7 +210,14 @@ def train(
         parts, trainable, config, optimizer, generator, batches, trainable.start_step, groups, step_rng, precision
     )
     _restore(run, trainable.resume)
-    schedule = LearningRate(config.learning_rate, config.lr_schedule, config.lr_warmup_steps, config.steps)
+    schedule = LearningRate(
+        config.learning_rate,
+        config.lr_schedule,
+        config.lr_warmup_steps,
+        config.steps,
+        config.lr_cycles,
+        config.lr_power,
+    )
     scaler = grad_scaler(parts.device, precision)
     started, stopped = time.monotonic(), False
     blocks = checkpoint_targets(parts, getattr(trainable, "trains_text_encoder", False))

@@ -35,6 +35,7 @@ from lib_trainer.formats.hypernetwork import (
 )
 from lib_trainer.loop.checkpoint import ResumeState, find_resume_state, save_sidecar, tensors_checksum
 from lib_trainer.loop.hooks import TrainingHooks
+from lib_trainer.loop.optimizers import check_optimizer
 from lib_trainer.loop.precision import resolve_precision
 from lib_trainer.loop.schedules import parse_learning_rate
 from lib_trainer.loop.train import Objective, TrainResult
@@ -359,6 +360,7 @@ def check(config: HypernetworkConfig, parts: ModelParts, paths: OutputPaths) -> 
     """Everything knowable before training, without loading the images (run when a job is queued and at its start)."""
     check_log_folder(paths.log_dir, paths.hypernetwork_dir, "hypernetwork")
     resolve_precision(config.train.mixed_precision, parts.device)
+    check_optimizer(config.train.optimizer, parts.device)
     load_template(config.data.template)
     check_image_folders(config.data)
     _, start_step, _ = _starting_point(config, parts, paths)

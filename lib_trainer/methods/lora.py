@@ -44,6 +44,8 @@ from lib_trainer.formats.files import check_name, path_in
 from lib_trainer.formats.lora import network_metadata, read_network, save_network
 from lib_trainer.loop.checkpoint import ResumeState, find_resume_state, save_sidecar, tensors_checksum
 from lib_trainer.loop.hooks import TrainingHooks
+from lib_trainer.loop.optimizers import NAMES as OPTIMIZER_NAMES
+from lib_trainer.loop.optimizers import check_optimizer
 from lib_trainer.loop.precision import resolve_precision
 from lib_trainer.loop.schedules import parse_learning_rate
 from lib_trainer.loop.train import Objective, TrainResult
@@ -440,7 +442,8 @@ class NetworkTrainable:
             "ss_learning_rate": cfg.train.learning_rate,
             "ss_unet_lr": cfg.train.learning_rate if net.train_unet else "",
             "ss_text_encoder_lr": str(te_lr) if net.train_text_encoder else "",
-            "ss_optimizer": "torch.optim.AdamW",
+            "ss_optimizer": OPTIMIZER_NAMES[cfg.train.optimizer],
+            "ss_lr_scheduler": cfg.train.lr_schedule,
             "ss_mixed_precision": cfg.train.mixed_precision,
             "ss_session_id": self.session,
             "ss_noise_offset": str(cfg.train.noise_offset),
@@ -501,6 +504,7 @@ def check(config: LoraConfig, parts: ModelParts, paths: OutputPaths) -> None:
     check_log_folder(paths.log_dir, paths.lora_dir, "LoRA")
     check_lycoris_installed()
     resolve_precision(config.train.mixed_precision, parts.device)
+    check_optimizer(config.train.optimizer, parts.device)
     check_text_encoder(config.network, parts)
     load_template(config.data.template)
     check_image_folders(config.data)

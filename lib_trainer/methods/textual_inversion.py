@@ -39,6 +39,7 @@ from lib_trainer.formats.embedding import (
 from lib_trainer.formats.files import check_name, path_in
 from lib_trainer.loop.checkpoint import ResumeState, find_resume_state, save_sidecar, tensors_checksum
 from lib_trainer.loop.hooks import TrainingHooks
+from lib_trainer.loop.optimizers import check_optimizer
 from lib_trainer.loop.precision import resolve_precision
 from lib_trainer.loop.train import Objective, TrainResult
 from lib_trainer.methods.common import check_log_folder, check_total_steps, resumed_step, train_on_dataset
@@ -195,6 +196,7 @@ def check(config: TextualInversionConfig, parts: ModelParts, paths: OutputPaths)
     """Everything knowable before training, without loading the images (run when a job is queued and at its start)."""
     check_log_folder(paths.log_dir, paths.embeddings_dir, "embedding")
     resolve_precision(config.train.mixed_precision, parts.device)
+    check_optimizer(config.train.optimizer, parts.device)
     check_prompt_word(parts.text_encoder, config.embedding.name, "embedding.name")
     load_template(config.data.template)
     check_image_folders(config.data)

@@ -32,6 +32,7 @@ from lib_trainer.formats.files import check_name, path_in, write_bytes_atomic
 from lib_trainer.formats.model_file import checkpoint_key, copy_model_config, save_checkpoint
 from lib_trainer.loop.checkpoint import ResumeState
 from lib_trainer.loop.hooks import TrainingHooks
+from lib_trainer.loop.optimizers import check_optimizer
 from lib_trainer.loop.precision import resolve_precision
 from lib_trainer.loop.train import Objective, TrainResult
 from lib_trainer.methods.common import check_log_folder, train_on_dataset
@@ -239,6 +240,7 @@ def check(config: EmbeddingFinetuneConfig, parts: ModelParts, paths: OutputPaths
     cfg = config.finetune
     check_log_folder(paths.log_dir, paths.checkpoint_dir, "checkpoint")
     resolve_precision(config.train.mixed_precision, parts.device)
+    check_optimizer(config.train.optimizer, parts.device)
     for _, encoder in encoders(parts):
         token_ids(cfg, encoder)
     template = load_template(config.data.template)

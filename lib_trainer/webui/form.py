@@ -72,8 +72,15 @@ TRAIN_FIELDS: tuple[FormField, ...] = (
     FormField("train.batch_size", "Batch size", "int", 1, 1024, 1),
     FormField("train.gradient_accumulation", "Gradient accumulation", "int", 1, 1024, 1),
     FormField("train.learning_rate", "Learning rate", "text", info="e.g. 0.005 or 0.005:100, 1e-3:1000, 1e-5"),
-    FormField("train.lr_schedule", "LR schedule", "dropdown", choices=("constant", "linear", "cosine")),
+    FormField(
+        "train.lr_schedule",
+        "LR schedule",
+        "dropdown",
+        choices=("constant", "linear", "cosine", "cosine_with_restarts", "polynomial"),
+    ),
     FormField("train.lr_warmup_steps", "Warmup steps", "int", 0, 1_000_000, 1),
+    FormField("train.lr_cycles", "Cosine cycles (cosine_with_restarts)", "int", 1, 1000, 1),
+    FormField("train.lr_power", "Power (polynomial)", "number", 0.1, 10.0),
     FormField(
         "train.optimizer",
         "Optimizer",
