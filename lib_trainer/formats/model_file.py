@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from lib_trainer.errors import FormatError
-from lib_trainer.formats.files import finite_for_saving, write_atomic
+from lib_trainer.formats.files import finite_for_saving, safetensors_keys, write_atomic
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 WRAPPER = "wrapped"  # the WebUI's hijack modules keep the original module under this attribute
@@ -77,7 +77,16 @@ def save_checkpoint(path: Path, tensors: dict[str, torch.Tensor], metadata: dict
     fix = "Set the save precision to 'bf16' or 'fp32'" if precision == "fp16" else "Lower the learning rate"
     cast = finite_for_saving(tensors, dtype, f"checkpoint {Path(path).stem}", fix, "save_precision")
     meta = {k: str(v) for k, v in metadata.items()}
-    return write_atomic(Path(path), lambda tmp: safetensors.torch.save_file(cast, str(tmp), metadata=meta))
+
+    def write(tmp: Path) -> None:
+        safetensors.torch.save_file(cast, str(tmp), metadata=meta)
+        if safetensors_keys(tmp) != set(cast):  # read back before it replaces anything: the header is complete
+            raise FormatError(
+                f"checkpoint {Path(path).stem}: the written file does not hold every tensor; nothing "
+                "was replaced. Check the disk and train again"
+            )
+
+    return write_atomic(Path(path), write)
 
 
 def copy_model_config(source_checkpoint: str | None, written: Path) -> None:
