@@ -351,7 +351,8 @@ class TrainConfig:
     lr_cycles: int = setting(1, low=1, high=1000)  # cosine_with_restarts: how many cosine cycles (hard restarts)
     lr_power: float = setting(1.0, low=0.1, high=10.0)  # polynomial: rate x (1 - progress) ** power
     # adamw8bit: bitsandbytes (CUDA, optional); adafactor: transformers' Adafactor at the given learning rate
-    optimizer: Literal["adamw", "adamw8bit", "adafactor"] = "adamw"
+    optimizer: Literal["adamw", "adamw8bit", "adafactor", "sgd"] = "adamw"
+    optimizer_args: str = ""  # key=value items passed to the optimizer, e.g. "betas=(0.9,0.99) eps=1e-6"
     weight_decay: float = setting(0.0, low=0.0, high=10.0)
     clip_grad: Literal["off", "norm", "value"] = "off"
     clip_grad_value: float = setting(1.0, low=1e-12, high=1e6)
@@ -368,8 +369,10 @@ class TrainConfig:
         if not isinstance(self.learning_rate, str):  # a plain number: kept as text like the schedule syntax
             object.__setattr__(self, "learning_rate", repr(float(self.learning_rate)))
         check_settings(self, self.SECTION)
+        from lib_trainer.loop.optimizers import parse_optimizer_args
         from lib_trainer.loop.schedules import parse_learning_rate
 
+        parse_optimizer_args(self.optimizer_args)
         segments = parse_learning_rate(self.learning_rate)
         if len(segments) > 1 and self.lr_schedule != "constant":
             raise ConfigError(

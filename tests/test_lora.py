@@ -22,6 +22,7 @@ from lib_trainer.methods.lora import (
     network_tensors,
     train_lora,
 )
+from lib_trainer.methods.lora import check as lora_check
 from lib_trainer.models.diffusion import add_noise
 from lib_trainer.models.guard import state_fingerprint
 from lib_trainer.models.kohya_names import module_key_table, unet_key_table
@@ -420,3 +421,18 @@ def test_adafactor_trains_and_is_named_in_the_metadata(sd1_model, image_dir, tmp
     request["network"]["overwrite"] = True
     with pytest.raises(ConfigError, match="needs a CUDA GPU"):
         train_lora(LoraConfig.from_dict(request), parts, OutputPaths(tmp_path / "Lora", tmp_path / "log"))
+
+
+def test_sgd_with_optimizer_args_trains_and_bad_args_are_refused_by_field(sd1_model, image_dir, tmp_path):
+    parts = parts_from_ldm(sd1_model)
+    request = lora_request(image_dir, save_precision="fp32")
+    request["train"] |= {"optimizer": "sgd", "optimizer_args": "momentum=0.5 nesterov=True", "learning_rate": "0.5"}
+    result = train_lora(LoraConfig.from_dict(request), parts, OutputPaths(tmp_path / "Lora", tmp_path / "log"))
+    tensors, meta = read_network(result.saved[-1])
+    assert meta["ss_optimizer"] == "torch.optim.SGD"
+    assert any(bool(v.any()) for k, v in tensors.items() if "lora_up" in k)
+    for args, message in [("momentum", "not key=value"), ("momentum=abc", "not a number"), ("nope=1", "nope")]:
+        request["train"]["optimizer_args"] = args
+        with pytest.raises(ConfigError, match=message) as info:
+            lora_check(LoraConfig.from_dict(request), parts, OutputPaths(tmp_path / "Lora2", tmp_path / "log2"))
+        assert info.value.field == "train.optimizer_args"

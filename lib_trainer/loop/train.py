@@ -23,7 +23,7 @@ from lib_trainer.errors import TrainerError, TrainingError
 from lib_trainer.formats.files import write_bytes_atomic
 from lib_trainer.loop.checkpoint import ResumeState
 from lib_trainer.loop.hooks import Progress, TrainingHooks
-from lib_trainer.loop.optimizers import build_optimizer
+from lib_trainer.loop.optimizers import build_optimizer, parse_optimizer_args
 from lib_trainer.loop.precision import autocast, grad_scaler, resolve_precision
 from lib_trainer.loop.schedules import LearningRate
 from lib_trainer.models.checkpointing import checkpoint_targets, checkpointed
@@ -203,7 +203,9 @@ def train(
     loss_log = loss_log or LossLog(None)
     precision = resolve_precision(config.mixed_precision, parts.device)
     groups = trainable.param_groups() if hasattr(trainable, "param_groups") else [{"params": trainable.parameters()}]
-    optimizer = build_optimizer(config.optimizer, groups, config.weight_decay)
+    optimizer = build_optimizer(
+        config.optimizer, groups, config.weight_decay, parse_optimizer_args(config.optimizer_args)
+    )
     generator = torch.Generator(device=parts.device).manual_seed(config.seed)
     step_rng = StepRng(config.seed, parts.device)
     run = _Run(

@@ -352,7 +352,7 @@ def check(config: DreamBoothConfig, parts: ModelParts, paths: OutputPaths) -> No
     if parts.model is None:
         raise UnsupportedModelError("this host does not give the whole model, so no checkpoint can be written")
     precision = resolve_precision(config.train.mixed_precision, parts.device)
-    check_optimizer(config.train.optimizer, parts.device)
+    check_optimizer(config.train.optimizer, parts.device, config.train.optimizer_args)
     if cfg.weights_precision == "bf16" and precision == "no":
         raise ConfigError(
             "dreambooth.weights_precision 'bf16' computes under autocast; set train.mixed_precision to 'bf16' (or "

@@ -360,7 +360,7 @@ def check(config: HypernetworkConfig, parts: ModelParts, paths: OutputPaths) -> 
     """Everything knowable before training, without loading the images (run when a job is queued and at its start)."""
     check_log_folder(paths.log_dir, paths.hypernetwork_dir, "hypernetwork")
     resolve_precision(config.train.mixed_precision, parts.device)
-    check_optimizer(config.train.optimizer, parts.device)
+    check_optimizer(config.train.optimizer, parts.device, config.train.optimizer_args)
     load_template(config.data.template)
     check_image_folders(config.data)
     _, start_step, _ = _starting_point(config, parts, paths)

@@ -504,7 +504,7 @@ def check(config: LoraConfig, parts: ModelParts, paths: OutputPaths) -> None:
     check_log_folder(paths.log_dir, paths.lora_dir, "LoRA")
     check_lycoris_installed()
     resolve_precision(config.train.mixed_precision, parts.device)
-    check_optimizer(config.train.optimizer, parts.device)
+    check_optimizer(config.train.optimizer, parts.device, config.train.optimizer_args)
     check_text_encoder(config.network, parts)
     load_template(config.data.template)
     check_image_folders(config.data)

@@ -196,7 +196,7 @@ def check(config: TextualInversionConfig, parts: ModelParts, paths: OutputPaths)
     """Everything knowable before training, without loading the images (run when a job is queued and at its start)."""
     check_log_folder(paths.log_dir, paths.embeddings_dir, "embedding")
     resolve_precision(config.train.mixed_precision, parts.device)
-    check_optimizer(config.train.optimizer, parts.device)
+    check_optimizer(config.train.optimizer, parts.device, config.train.optimizer_args)
     check_prompt_word(parts.text_encoder, config.embedding.name, "embedding.name")
     load_template(config.data.template)
     check_image_folders(config.data)

@@ -240,7 +240,7 @@ def check(config: EmbeddingFinetuneConfig, parts: ModelParts, paths: OutputPaths
     cfg = config.finetune
     check_log_folder(paths.log_dir, paths.checkpoint_dir, "checkpoint")
     resolve_precision(config.train.mixed_precision, parts.device)
-    check_optimizer(config.train.optimizer, parts.device)
+    check_optimizer(config.train.optimizer, parts.device, config.train.optimizer_args)
     for _, encoder in encoders(parts):
         token_ids(cfg, encoder)
     template = load_template(config.data.template)
