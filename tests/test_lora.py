@@ -436,3 +436,14 @@ def test_sgd_with_optimizer_args_trains_and_bad_args_are_refused_by_field(sd1_mo
         with pytest.raises(ConfigError, match=message) as info:
             lora_check(LoraConfig.from_dict(request), parts, OutputPaths(tmp_path / "Lora2", tmp_path / "log2"))
         assert info.value.field == "train.optimizer_args"
+
+
+def test_resuming_with_another_optimizer_is_refused_by_field(sd1_model, image_dir, tmp_path):
+    parts = parts_from_ldm(sd1_model)
+    paths = OutputPaths(tmp_path / "Lora", tmp_path / "log")
+    request = lora_request(image_dir)
+    first = train_lora(LoraConfig.from_dict(request), parts, paths)
+    request["train"] |= {"optimizer": "sgd", "steps": 6}
+    with pytest.raises(ConfigError, match="another optimizer") as info:
+        train_lora(LoraConfig.from_dict({**request, "resume_from": str(first.saved[-1])}), parts, paths)
+    assert info.value.field == "train.optimizer"

@@ -19,7 +19,7 @@ from typing import Any, Protocol
 import torch
 
 from lib_trainer.config import TrainConfig
-from lib_trainer.errors import TrainerError, TrainingError
+from lib_trainer.errors import ConfigError, TrainerError, TrainingError
 from lib_trainer.formats.files import write_bytes_atomic
 from lib_trainer.loop.checkpoint import ResumeState
 from lib_trainer.loop.hooks import Progress, TrainingHooks
@@ -385,6 +385,15 @@ def _rng_state(run: _Run) -> dict[str, Any]:
 def _restore(run: _Run, resume: ResumeState | None) -> None:
     if resume is None:
         return
+    marks = {"betas", "momentum", "scale_parameter"}  # AdamW(8bit) / SGD / Adafactor: stable across torch versions
+    saved = marks & {key for group in resume.optimizer["param_groups"] for key in group}
+    current = marks & {key for group in run.optimizer.param_groups for key in group}
+    if saved != current:  # another optimizer's state (AdamW's betas where SGD wants momentum)
+        raise ConfigError(
+            f"the resume state was saved by another optimizer than train.optimizer {run.config.optimizer!r}; train "
+            "on with the optimizer it was started with, or start a new file",
+            field="train.optimizer",
+        )
     run.optimizer.load_state_dict(resume.optimizer)
     params = run.trainable.parameters()
     if resume.params and [tuple(p.shape) for p in params] == [tuple(m.shape) for m in resume.params]:
