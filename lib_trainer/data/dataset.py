@@ -78,9 +78,12 @@ class ScanResult:
     small: list[tuple[Path, tuple[int, int]]] = field(default_factory=list)  # smaller than their bucket
 
 
-def image_folders(config: DataConfig, folder: str | None = None) -> list[tuple[Path, int, str | None]]:
-    """(folder, repeats, class tokens): the data folder itself, then kohya ``N_name`` subfolders."""
-    field = "data.data_dir" if folder is None else "data.reg_dir"
+def image_folders(
+    config: DataConfig, folder: str | None = None, field: str | None = None
+) -> list[tuple[Path, int, str | None]]:
+    """(folder, repeats, class tokens): the data folder itself, then kohya ``N_name`` subfolders. ``field`` names
+    the setting in errors (default ``data.data_dir``, or ``data.reg_dir`` for ``folder``)."""
+    field = field or ("data.data_dir" if folder is None else "data.reg_dir")
     root = Path(folder if folder is not None else config.data_dir).expanduser()
     if not root.is_dir():
         raise DatasetError(
@@ -106,8 +109,10 @@ def bucket_spec(config: DataConfig) -> BucketSpec:
     )
 
 
-def _sources(config: DataConfig) -> list[tuple[list[tuple[Path, int, str | None]], bool]]:
-    sources = [(image_folders(config), False)]
+def _sources(
+    config: DataConfig, data_field: str | None = None
+) -> list[tuple[list[tuple[Path, int, str | None]], bool]]:
+    sources = [(image_folders(config, field=data_field), False)]
     if config.reg_dir.strip():
         sources.append((image_folders(config, config.reg_dir), True))
     return sources
@@ -150,13 +155,14 @@ def scan_folder(config: DataConfig) -> ScanResult:
     return result
 
 
-def check_image_folders(config: DataConfig) -> None:
+def check_image_folders(config: DataConfig, data_field: str = "data.data_dir") -> None:
     """Before a run is queued: the data (and regularisation) folder exists and holds at least one readable image.
 
     Only file headers are read; problems with single files are left for the dataset report and the run's warnings.
+    ``data_field`` names the data folder's setting in errors (a DreamBooth concept's ``concepts.N.instance_dir``).
     """
-    for folders, is_reg in _sources(config):
-        field, root = ("data.reg_dir", config.reg_dir) if is_reg else ("data.data_dir", config.data_dir)
+    for folders, is_reg in _sources(config, data_field):
+        field, root = ("data.reg_dir", config.reg_dir) if is_reg else (data_field, config.data_dir)
         images = [path for folder, _, _ in folders for path in folder_entries(folder, [])]
         if not images:
             raise DatasetError(

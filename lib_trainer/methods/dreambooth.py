@@ -383,12 +383,7 @@ def check(config: DreamBoothConfig, parts: ModelParts, paths: OutputPaths) -> No
 
 def _check_concept(config: DreamBoothConfig, concept: ConceptConfig, index: int) -> None:
     field = f"concepts.{index}"
-    try:
-        check_image_folders(config.data.for_folder(concept.instance_dir))
-    except DatasetError as exc:
-        raise DatasetError(
-            str(exc).replace("data.data_dir", f"{field}.instance_dir"), f"{field}.instance_dir"
-        ) from None
+    check_image_folders(config.data.for_folder(concept.instance_dir), f"{field}.instance_dir")
     if not concept.prior:
         return
     folder = Path(concept.class_dir).expanduser()

@@ -28,8 +28,8 @@ from lib_trainer.config import CONFIG_VERSION, DataConfig, TrainConfig, build_ve
 from lib_trainer.data.dataset import check_image_folders, load_training_set
 from lib_trainer.data.templates import load_template
 from lib_trainer.errors import ConfigError, FormatError
-from lib_trainer.formats.files import check_name, path_in, write_bytes_atomic
-from lib_trainer.formats.model_file import checkpoint_key, copy_model_config, save_checkpoint
+from lib_trainer.formats.files import check_name, finite_for_saving, path_in, write_bytes_atomic
+from lib_trainer.formats.model_file import DTYPES, checkpoint_key, copy_model_config, save_checkpoint
 from lib_trainer.loop.checkpoint import ResumeState
 from lib_trainer.loop.hooks import TrainingHooks
 from lib_trainer.loop.optimizers import check_optimizer
@@ -118,7 +118,7 @@ def token_ids(config: RowsConfig, encoder: TextEncoder) -> list[int]:
 def matrix_key(parts: ModelParts, encoder: TextEncoder) -> str:
     """The checkpoint key of ``encoder``'s token-embedding matrix in the whole model."""
     weight = embedding_table(encoder.token_embedding_module()).weight
-    for path, param in (parts.model or parts.unet).named_parameters():
+    for path, param in parts.model.named_parameters():
         if param is weight:
             return checkpoint_key(path)
     raise FormatError("the text encoder's token embedding is not a parameter of the loaded model")
@@ -208,9 +208,6 @@ def _adds_rows(entry: dict[str, Any]):
 
 def save_rows(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, str], config: Any) -> Path:
     """Write a rows file atomically (float tensors in the save precision, checked finite)."""
-    from lib_trainer.formats.files import finite_for_saving
-    from lib_trainer.formats.model_file import DTYPES
-
     dtype = DTYPES[config.finetune.save_precision]
     cast = finite_for_saving(tensors, dtype, f"rows {path.stem}", "Lower train.learning_rate", "finetune")
     return write_bytes_atomic(path, safetensors.torch.save(cast, metadata=meta))
@@ -247,10 +244,10 @@ def check(config: EmbeddingFinetuneConfig, parts: ModelParts, paths: OutputPaths
     if not any("[filewords]" in line for line in template):  # captions are read at the start of the run
         _check_words_occur(config, [], template)
     check_image_folders(config.data)
+    if parts.model is None:  # the rows file names each matrix by its checkpoint key in the whole model
+        raise ConfigError("this host gives no whole model, so the rows cannot be placed in one", "finetune.name")
     targets = [path_in(paths.rows_dir, f"{cfg.name}.safetensors")]
     if cfg.apply_to_checkpoint:
-        if parts.model is None:
-            raise ConfigError("this host gives no whole model to apply the rows to", "finetune.apply_to_checkpoint")
         targets.append(path_in(paths.checkpoint_dir, f"{cfg.name}.safetensors"))
         loaded = parts.checkpoint_file and Path(parts.checkpoint_file).resolve() == targets[-1]
         if loaded:
