@@ -350,8 +350,8 @@ class TrainConfig:
     lr_warmup_steps: int = setting(0, low=0, high=10_000_000)
     lr_cycles: int = setting(1, low=1, high=1000)  # cosine_with_restarts: how many cosine cycles (hard restarts)
     lr_power: float = setting(1.0, low=0.1, high=10.0)  # polynomial: rate x (1 - progress) ** power
-    # adamw8bit: bitsandbytes (CUDA, optional); adafactor: transformers' Adafactor at the given learning rate
-    optimizer: Literal["adamw", "adamw8bit", "adafactor", "sgd"] = "adamw"
+    # loop/optimizers.py: adamw8bit (bitsandbytes, CUDA), lion, prodigy, adamw_schedulefree need optional packages
+    optimizer: Literal["adamw", "adamw8bit", "adafactor", "sgd", "lion", "prodigy", "adamw_schedulefree"] = "adamw"
     optimizer_args: str = ""  # key=value items passed to the optimizer, e.g. "betas=(0.9,0.99) eps=1e-6"
     weight_decay: float = setting(0.0, low=0.0, high=10.0)
     clip_grad: Literal["off", "norm", "value"] = "off"
@@ -374,6 +374,12 @@ class TrainConfig:
 
         parse_optimizer_args(self.optimizer_args)
         segments = parse_learning_rate(self.learning_rate)
+        if self.optimizer == "prodigy" and max(rate for rate, _ in segments) < 0.1:
+            raise ConfigError(
+                f"train.learning_rate {self.learning_rate!r} is far below 1 with train.optimizer 'prodigy', which "
+                "estimates the step size itself and multiplies it by the learning rate; use 1.0 (0.5: gentler)",
+                field="train.learning_rate",
+            )
         if len(segments) > 1 and self.lr_schedule != "constant":
             raise ConfigError(
                 f"train.learning_rate {self.learning_rate!r} is a stepped schedule, which already decides the rate "

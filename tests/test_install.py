@@ -32,3 +32,18 @@ def test_nothing_to_do_when_everything_is_present(fake_launch):
     fake_launch.installed = {"toml", "lycoris"}
     runpy.run_path(str(INSTALL))
     assert fake_launch.calls == []
+
+
+def test_optional_optimizers_only_when_ticked_in_settings(fake_launch, tmp_path):
+    fake_launch.installed = {"toml", "lycoris"}
+    settings = tmp_path / "config.json"
+    fake_launch.args = types.SimpleNamespace(ui_settings_file=str(settings))
+    runpy.run_path(str(INSTALL))
+    assert fake_launch.calls == []  # no config.json yet: nothing optional
+    settings.write_text('{"trainer_install_optimizers": "prodigyopt, schedulefree, nonsense; lion-pytorch"}')
+    runpy.run_path(str(INSTALL))
+    assert fake_launch.calls == [
+        "install prodigyopt --no-deps",
+        "install schedulefree --no-deps",
+        "install lion-pytorch --no-deps",
+    ]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pickle
 import string
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -254,9 +255,13 @@ def _master_and_file(paths: lora.OutputPaths) -> tuple[list[torch.Tensor], dict[
     return read_sidecar(main).params, read_network(main)[0]
 
 
-def test_lora_resume_is_bit_exact_although_the_file_is_fp16(sd1_model, image_dir, tmp_path):
+@pytest.mark.parametrize("optimizer", ["adamw", "lion", "prodigy", "adamw_schedulefree"])
+def test_lora_resume_is_bit_exact_although_the_file_is_fp16(sd1_model, image_dir, tmp_path, optimizer):
+    """Schedule-free AdamW saves its averaged point and converts back on resume: equal to float rounding only."""
     parts = parts_from_ldm(sd1_model)
-    changes = {"network": {"dropout": 0.2, "rank_dropout": 0.1, "overwrite": True}, "train": {"steps": 6}}
+    rate = "1.0" if optimizer == "prodigy" else "1e-3"
+    train_section = {"steps": 6, "optimizer": optimizer, "learning_rate": rate}
+    changes = {"network": {"dropout": 0.2, "rank_dropout": 0.1, "overwrite": True}, "train": train_section}
     straight = lora.OutputPaths(tmp_path / "a" / "Lora", tmp_path / "a" / "log")
     lora.train_lora(lora_config(image_dir, **changes), parts, straight)
     split = lora.OutputPaths(tmp_path / "b" / "Lora", tmp_path / "b" / "log")
@@ -265,9 +270,11 @@ def test_lora_resume_is_bit_exact_although_the_file_is_fp16(sd1_model, image_dir
     resumed = lora.train_lora(lora_config(image_dir, resume_from=str(main), **changes), parts, split)
     assert resumed.start_step == 3
     (a_master, a_file), (b_master, b_file) = _master_and_file(straight), _master_and_file(split)
-    assert all(torch.equal(x, y) for x, y in zip(a_master, b_master, strict=True))
+    same = torch.equal if optimizer != "adamw_schedulefree" else partial(torch.allclose, rtol=1e-5, atol=1e-7)
+    assert all(same(x, y) for x, y in zip(a_master, b_master, strict=True))
     assert a_file.keys() == b_file.keys()
-    assert all(torch.equal(a_file[k], b_file[k]) for k in a_file)
+    if optimizer != "adamw_schedulefree":  # fp16 rounding may flip on a 1e-7 difference
+        assert all(torch.equal(a_file[k], b_file[k]) for k in a_file)
 
 
 def test_a_kill_between_the_resume_state_and_the_file_continues_from_the_complete_save(sd1_model, image_dir, tmp_path):

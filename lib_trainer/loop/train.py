@@ -23,7 +23,7 @@ from lib_trainer.errors import ConfigError, TrainerError, TrainingError
 from lib_trainer.formats.files import write_bytes_atomic
 from lib_trainer.loop.checkpoint import ResumeState
 from lib_trainer.loop.hooks import Progress, TrainingHooks
-from lib_trainer.loop.optimizers import build_optimizer, parse_optimizer_args
+from lib_trainer.loop.optimizers import OptimizerMode, build_optimizer, parse_optimizer_args, uses_own_rate
 from lib_trainer.loop.precision import autocast, grad_scaler, resolve_precision
 from lib_trainer.loop.schedules import LearningRate
 from lib_trainer.models.checkpointing import checkpoint_targets, checkpointed
@@ -185,6 +185,8 @@ class _Run:
     groups: list[dict[str, Any]]
     step_rng: StepRng
     precision: str
+    mode: OptimizerMode | None = None
+    own_rate: bool = False  # the optimizer sets its learning rate itself (Adafactor's relative step)
     last_saved: int = -1
     saved: list[Path] = field(default_factory=list)
 
@@ -203,15 +205,16 @@ def train(
     loss_log = loss_log or LossLog(None)
     precision = resolve_precision(config.mixed_precision, parts.device)
     groups = trainable.param_groups() if hasattr(trainable, "param_groups") else [{"params": trainable.parameters()}]
-    optimizer = build_optimizer(
-        config.optimizer, groups, config.weight_decay, parse_optimizer_args(config.optimizer_args)
-    )
+    optimizer_args = parse_optimizer_args(config.optimizer_args)
+    optimizer = build_optimizer(config.optimizer, groups, config.weight_decay, optimizer_args, parts.device)
     generator = torch.Generator(device=parts.device).manual_seed(config.seed)
     step_rng = StepRng(config.seed, parts.device)
     run = _Run(
         parts, trainable, config, optimizer, generator, batches, trainable.start_step, groups, step_rng, precision
     )
+    run.mode, run.own_rate = OptimizerMode(optimizer), uses_own_rate(config.optimizer, optimizer_args)
     _restore(run, trainable.resume)
+    run.mode.train()
     schedule = LearningRate(
         config.learning_rate,
         config.lr_schedule,
@@ -230,6 +233,7 @@ def train(
             while run.step < config.steps:
                 rate = schedule.at(run.step + 1)
                 loss, prompt, loss_parts = _optimizer_step(run, objective, rate, scaler)
+                rate = _effective_rate(run, rate)
                 run.step += 1
                 elapsed = time.monotonic() - started
                 row = {"step": run.step, "loss": loss, "learning_rate": rate, "elapsed_s": round(elapsed, 3)}
@@ -249,6 +253,8 @@ def train(
 
 def _optimizer_step(run: _Run, objective: Objective, rate: float, scaler) -> tuple[float, str, dict[str, float]]:
     for group, spec in zip(run.optimizer.param_groups, run.groups, strict=True):
+        if run.own_rate:
+            break
         stopped = spec.get("stop_at") and run.step + 1 > spec["stop_at"]  # e.g. "stop training the TE at step N"
         group["lr"] = 0.0 if stopped else rate * spec.get("lr_scale", 1.0)
     with run.step_rng.active():
@@ -305,6 +311,18 @@ def _combined_loss(per_sample: torch.Tensor, extras: dict[str, Any]) -> tuple[to
     return instance + weighted_prior, {"loss_instance": instance.item(), "loss_prior": weighted_prior.item()}
 
 
+def _effective_rate(run: _Run, rate: float) -> float:
+    """The learning rate the first group really used: Prodigy's is its estimate d times the set rate, Adafactor's
+    relative step its own."""
+    group = run.optimizer.param_groups[0]
+    if run.own_rate and hasattr(run.optimizer, "_get_lr"):
+        state = run.optimizer.state.get(group["params"][0], {})
+        return float(run.optimizer._get_lr(group, state)) if state else 0.0
+    if "d" in group and isinstance(group["d"], float):  # Prodigy
+        return rate * group["d"]
+    return rate
+
+
 def _clip(run: _Run) -> None:
     params = run.trainable.parameters()
     if run.config.clip_grad == "norm":
@@ -324,21 +342,31 @@ def _progress(
 
 def _save_and_preview(run: _Run, hooks: TrainingHooks) -> None:
     every = run.config.save_every
-    if (every and run.step % every == 0) or hooks.should_save():
-        _save_if_new(run, hooks)
-    if run.config.preview_every and run.step % run.config.preview_every == 0:
-        hooks.on_preview(run.step, run.trainable)
+    save = (every and run.step % every == 0) or hooks.should_save()
+    preview = run.config.preview_every and run.step % run.config.preview_every == 0
+    if not (save or preview):
+        return
+    run.mode.evaluate()  # schedule-free: the averaged weights are the ones saved and shown
+    try:
+        if save:
+            _save_if_new(run, hooks)
+        if preview:
+            hooks.on_preview(run.step, run.trainable)
+    finally:
+        run.mode.train()
 
 
 def _save_if_new(run: _Run, hooks: TrainingHooks) -> None:
     if run.step == run.last_saved or run.step == run.trainable.start_step:
         return
+    run.mode.evaluate()
     params = run.trainable.parameters()
     if not all(bool(torch.isfinite(p).all()) for p in params):
         return
     keep = getattr(run.trainable, "resume_masters", True)
     masters = [p.detach().to("cpu", torch.float32, copy=True) for p in params] if keep else []
-    resume = ResumeState(run.optimizer.state_dict(), _rng_state(run), run.step, masters)
+    state = {**_rng_state(run), "optimizer_name": run.config.optimizer}
+    resume = ResumeState(run.optimizer.state_dict(), state, run.step, masters)
     for path in run.trainable.save(run.step, resume):
         run.saved.append(path)
         hooks.on_saved(path, run.step)
@@ -385,10 +413,12 @@ def _rng_state(run: _Run) -> dict[str, Any]:
 def _restore(run: _Run, resume: ResumeState | None) -> None:
     if resume is None:
         return
-    marks = {"betas", "momentum", "scale_parameter"}  # AdamW(8bit) / SGD / Adafactor: stable across torch versions
+    state = dict(resume.rng)
+    name = state.pop("optimizer_name", None)
+    marks = {"betas", "momentum", "scale_parameter"}  # older sidecars: AdamW(8bit) / SGD / Adafactor
     saved = marks & {key for group in resume.optimizer["param_groups"] for key in group}
     current = marks & {key for group in run.optimizer.param_groups for key in group}
-    if saved != current:  # another optimizer's state (AdamW's betas where SGD wants momentum)
+    if (name or run.config.optimizer) != run.config.optimizer or saved != current:
         raise ConfigError(
             f"the resume state was saved by another optimizer than train.optimizer {run.config.optimizer!r}; train "
             "on with the optimizer it was started with, or start a new file",
@@ -400,7 +430,6 @@ def _restore(run: _Run, resume: ResumeState | None) -> None:
         with torch.no_grad():  # exact fp32 values, not the file's (possibly fp16) copy
             for param, master in zip(params, resume.params, strict=True):
                 param.copy_(master)
-    state = dict(resume.rng)
     generator_state = state.pop("generator", None)
     if generator_state is not None:
         run.generator.set_state(generator_state)

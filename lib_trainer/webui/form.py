@@ -85,8 +85,9 @@ TRAIN_FIELDS: tuple[FormField, ...] = (
         "train.optimizer",
         "Optimizer",
         "dropdown",
-        choices=("adamw", "adamw8bit", "adafactor", "sgd"),
-        info="adamw8bit needs bitsandbytes (CUDA); adafactor: least memory",
+        choices=("adamw", "adamw8bit", "adafactor", "lion", "prodigy", "adamw_schedulefree", "sgd"),
+        info="adafactor: least memory; adamw8bit (CUDA), lion, prodigy (learning rate 1.0), adamw_schedulefree "
+        "(constant schedule) need their package: Settings -> Trainer",
     ),
     FormField("train.optimizer_args", "Optimizer args", "text", info="key=value ..., e.g. betas=(0.9,0.99) eps=1e-6"),
     FormField("train.weight_decay", "Weight decay", "number", 0.0, 10.0),

@@ -2,7 +2,7 @@
 
 The host surface used here, kept honest by tests/test_webui_real.py against a real WebUI checkout:
     modules.shared: sd_model, state (begin/end/interrupt, job, job_no, job_count, textinfo, interrupted,
-        assign_current_image), opts.CLIP_stop_at_last_layers, opts.add_option, OptionInfo(restrict_api=),
+        assign_current_image), opts.CLIP_stop_at_last_layers, opts.add_option, OptionInfo(restrict_api=).needs_restart,
         cmd_opts (embeddings_dir, hypernetwork_dir, lora_dir, lowvram, medvram, api, nowebui, api_auth),
         reload_hypernetworks()
     the FastAPI app given to on_app_started: gradio's App, whose ``auth`` is set under --gradio-auth and whose
@@ -72,6 +72,10 @@ def folders() -> Folders:
     return Folders(Path(opts.embeddings_dir), Path(opts.hypernetwork_dir), Path(lora), Path(logs), Path(checkpoints))
 
 
+INSTALL_OPTION = "trainer_install_optimizers"  # read by install.py from the WebUI's config.json
+INSTALLABLE = ("bitsandbytes", "lion-pytorch", "prodigyopt", "schedulefree")
+
+
 def add_settings() -> None:
     """The trainer's section in Settings (not changeable through the API: they decide what the trainer may touch)."""
     section = ("trainer", "Trainer")
@@ -86,6 +90,13 @@ def add_settings() -> None:
     }
     for key, (default, label) in options.items():
         shared.opts.add_option(key, shared.OptionInfo(default, label, section=section, restrict_api=True))
+    install = shared.OptionInfo(
+        "",
+        f"Optional optimizer packages to install at the next start, comma-separated ({', '.join(INSTALLABLE)})",
+        section=section,
+        restrict_api=True,
+    )
+    shared.opts.add_option(INSTALL_OPTION, install.needs_restart())
 
 
 def allowed_roots() -> list[Path] | None:

@@ -178,6 +178,9 @@ class OptionInfo:
     ):
         self.default, self.label, self.section, self.restrict_api = default, label, section, restrict_api
 
+    def needs_restart(self):
+        return self
+
 
 class FakeOpts:
     def __init__(self):
