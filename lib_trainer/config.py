@@ -358,6 +358,9 @@ class TrainConfig:
     clip_grad_value: float = setting(1.0, low=1e-12, high=1e6)
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"
     gradient_checkpointing: bool = False  # recompute UNet-block (and trained text-encoder) activations: less memory
+    # sdpa: train attention with torch's scaled_dot_product_attention (flash / memory-efficient kernels) whatever
+    # the WebUI's optimisation for inference (xformers stays if the WebUI uses it); host: the WebUI's own forward
+    attention: Literal["sdpa", "host"] = "sdpa"
     seed: int = setting(0, low=0, high=2**32 - 1)
     clip_skip: int = setting(0, low=0, high=12, hint="0 uses the WebUI's Clip skip setting")  # 0 = the host's
     save_every: int = setting(500, low=0, high=10_000_000)  # 0 = only at the end

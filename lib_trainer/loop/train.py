@@ -26,6 +26,7 @@ from lib_trainer.loop.hooks import Progress, TrainingHooks
 from lib_trainer.loop.optimizers import OptimizerMode, build_optimizer, parse_optimizer_args, uses_own_rate
 from lib_trainer.loop.precision import autocast, grad_scaler, resolve_precision
 from lib_trainer.loop.schedules import LearningRate
+from lib_trainer.models.attention import sdpa_attention
 from lib_trainer.models.checkpointing import checkpoint_targets, checkpointed
 from lib_trainer.models.guard import frozen_host
 from lib_trainer.models.parts import ModelParts
@@ -227,7 +228,8 @@ def train(
     started, stopped = time.monotonic(), False
     blocks = checkpoint_targets(parts, getattr(trainable, "trains_text_encoder", False))
     checkpoints = checkpointed(blocks if config.gradient_checkpointing else [])
-    with frozen_host(parts.host_modules.values()), trainable.attach(parts), checkpoints:
+    attention = sdpa_attention(parts.unet, config.attention == "sdpa")
+    with frozen_host(parts.host_modules.values()), trainable.attach(parts), checkpoints, attention:
         hooks.on_start(config.steps, run.step)
         try:
             while run.step < config.steps:

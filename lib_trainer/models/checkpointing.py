@@ -9,12 +9,13 @@ a third more compute) and the block's own forward is restored exactly afterwards
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 
 import torch
 import torch.utils.checkpoint
 from torch import nn
 
+from lib_trainer.models.guard import wrapped_forwards
 from lib_trainer.models.parts import ModelParts
 
 UNET_BLOCK_LISTS = ("input_blocks", "middle_block", "output_blocks")
@@ -37,21 +38,9 @@ def checkpoint_targets(parts: ModelParts, text_encoder: bool) -> list[nn.Module]
     return unet_blocks(parts.unet) + (parts.text_encoder.layers() if text_encoder else [])
 
 
-@contextlib.contextmanager
-def checkpointed(blocks: Iterable[nn.Module]) -> Iterator[None]:
+def checkpointed(blocks: Iterable[nn.Module]) -> contextlib.AbstractContextManager:
     """Run each block's forward under ``torch.utils.checkpoint`` while gradients are on; restore on exit."""
-    blocks = list(blocks)
-    had = [("forward" in b.__dict__, b.__dict__.get("forward")) for b in blocks]
-    for block in blocks:
-        block.forward = _checkpointed_forward(block.forward)
-    try:
-        yield
-    finally:
-        for block, (present, original) in zip(blocks, had, strict=True):
-            if present:
-                block.forward = original
-            else:
-                block.__dict__.pop("forward", None)
+    return wrapped_forwards(blocks, lambda _block, forward: _checkpointed_forward(forward))
 
 
 def _checkpointed_forward(forward):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -64,3 +64,21 @@ def parameter_versions(modules: Iterable[nn.Module]) -> list[int]:
 def state_fingerprint(module: nn.Module) -> dict[str, torch.Tensor]:
     """A detached CPU copy of a module's state (tests compare it bit for bit)."""
     return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+
+
+@contextlib.contextmanager
+def wrapped_forwards(modules: Iterable[nn.Module], wrap: Callable[[nn.Module, Callable], Callable]) -> Iterator[None]:
+    """Give each module the instance ``forward`` ``wrap(module, its current forward)`` for the block; on exit
+    every module's ``__dict__`` is as before (its own instance forward back, or none)."""
+    modules = list(modules)
+    had = [("forward" in m.__dict__, m.__dict__.get("forward")) for m in modules]
+    try:
+        for module in modules:
+            module.forward = wrap(module, module.forward)
+        yield
+    finally:
+        for module, (present, original) in zip(modules, had, strict=True):
+            if present:
+                module.forward = original
+            else:
+                module.__dict__.pop("forward", None)

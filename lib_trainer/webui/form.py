@@ -95,6 +95,13 @@ TRAIN_FIELDS: tuple[FormField, ...] = (
     FormField("train.clip_grad_value", "Clipping value", "number", 0.0),
     FormField("train.mixed_precision", "Mixed precision", "dropdown", choices=("auto", "no", "fp16", "bf16")),
     FormField("train.gradient_checkpointing", "Gradient checkpointing (much less VRAM, ~30% slower)", "checkbox"),
+    FormField(
+        "train.attention",
+        "Training attention",
+        "radio",
+        choices=("sdpa", "host"),
+        info="sdpa: PyTorch's fast kernels whatever the WebUI's optimisation (xformers is kept); host: the WebUI's",
+    ),
     FormField("train.seed", "Seed", "int"),
     FormField(
         "train.clip_skip", "Clip skip", "slider", 0, 12, 1, info="0 = the WebUI's Clip skip setting (shown above)"
