@@ -361,6 +361,11 @@ class TrainConfig:
     # sdpa: train attention with torch's scaled_dot_product_attention (flash / memory-efficient kernels) whatever
     # the WebUI's optimisation for inference (xformers stays if the WebUI uses it); host: the WebUI's own forward
     attention: Literal["sdpa", "host"] = "sdpa"
+    # when the text encoder does not train and captions never change (no tag shuffle / drop-out): encode every
+    # prompt once before training instead of at every step
+    cache_text_encoder_outputs: bool = True
+    offload_idle_models: bool = True  # CUDA: the VAE (and a cached text encoder) wait on the CPU while the UNet trains
+    compile: bool = False  # torch.compile the UNet forward (slow first steps; faster after on recent GPUs)
     seed: int = setting(0, low=0, high=2**32 - 1)
     clip_skip: int = setting(0, low=0, high=12, hint="0 uses the WebUI's Clip skip setting")  # 0 = the host's
     save_every: int = setting(500, low=0, high=10_000_000)  # 0 = only at the end

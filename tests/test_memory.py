@@ -7,6 +7,9 @@ import pytest
 import torch
 
 from lib_trainer.formats.embedding import EmbeddingFile
+from lib_trainer.formats.lora import read_network
+from lib_trainer.loop import train as train_module
+from lib_trainer.loop.hooks import TrainingHooks
 from lib_trainer.methods import lora
 from lib_trainer.methods import textual_inversion as ti
 from lib_trainer.models.attention import cross_attentions, sdpa_attention
@@ -91,3 +94,89 @@ def test_sdpa_is_not_used_without_gradients_or_for_xformers(sd1_model):
         assert cross_attentions(parts.unet) == []
     finally:
         cls.forward = original
+
+
+def _lora_run(parts, data_dir, tmp_path, tag, **train):
+    request = {
+        "network": {"name": "zqnet", "rank": 4, "overwrite": True},
+        "data": {"data_dir": str(data_dir), "width": 64, "height": 64, "template": "subject", "flip": True},
+        "train": {"steps": 4, "save_every": 0, "preview_every": 0, "learning_rate": "1e-3", "batch_size": 2, **train},
+    }
+    paths = lora.OutputPaths(tmp_path / f"L{tag}", tmp_path / f"log{tag}")
+    result = lora.train_lora(lora.LoraConfig.from_dict(request), parts, paths)
+    return [r["loss"] for r in result.history], read_network(result.saved[-1])[0]
+
+
+def _long_captions(folder):
+    """One caption of over 75 tokens (two chunks) among short ones, and several template lines."""
+    long = ", ".join(f"tag{i} word{i}" for i in range(60))
+    (folder / "00-image.txt").write_text(long, encoding="utf-8")
+    return folder
+
+
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_cached_text_encoder_outputs_train_the_same_and_skip_the_encoder(request, image_dir, tmp_path, family):
+    parts = _parts(request, family)
+    data = _long_captions(image_dir)
+    calls = []
+    encode = parts.condition
+
+    def counting(prompts, vectors=None):
+        calls.append(len(prompts))
+        return encode(prompts, vectors)
+
+    parts.condition = counting
+    live_loss, live_tensors = _lora_run(parts, data, tmp_path, "live", cache_text_encoder_outputs=False)
+    assert len(calls) == 4  # one encoding per step
+    calls.clear()
+    cached_loss, cached_tensors = _lora_run(parts, data, tmp_path, "cached")
+    assert all(n == 1 for n in calls)  # every prompt once, before training
+    assert len(calls) > 4
+    assert cached_loss == pytest.approx(live_loss, rel=1e-5)
+    assert all(torch.allclose(live_tensors[k], cached_tensors[k], atol=1e-6) for k in live_tensors)
+
+
+def test_varying_captions_or_a_training_text_encoder_are_not_cached(sd1_model, image_dir, tmp_path):
+    parts = parts_from_ldm(sd1_model)
+    calls = []
+    encode = parts.condition
+    parts.condition = lambda prompts, vectors=None: calls.append(1) or encode(prompts, vectors)
+    request = {
+        "network": {"name": "zqnet", "rank": 4},
+        "data": {"data_dir": str(image_dir), "width": 64, "height": 64, "shuffle_tags": True},
+        "train": {"steps": 3, "save_every": 0, "preview_every": 0},
+    }
+    lora.train_lora(lora.LoraConfig.from_dict(request), parts, lora.OutputPaths(tmp_path / "a", tmp_path / "la"))
+    assert len(calls) == 3
+    calls.clear()
+    request["data"]["shuffle_tags"] = False
+    request["network"]["train_text_encoder"] = True
+    lora.train_lora(lora.LoraConfig.from_dict(request), parts, lora.OutputPaths(tmp_path / "b", tmp_path / "lb"))
+    assert len(calls) == 3
+
+
+def test_idle_modules_wait_elsewhere_and_come_back_for_previews_and_saves(sd1_model, image_dir, tmp_path, monkeypatch):
+    """On CUDA the VAE and a cached text encoder leave the GPU; here the move is observed through ``.to``."""
+    parts = parts_from_ldm(sd1_model)
+    moves, seen = [], []
+    for name in ("vae", "text_encoder"):
+        module = parts.host_modules[name]
+        monkeypatch.setattr(module, "to", lambda *a, _n=name, **k: moves.append((_n, str(a[0]))), raising=False)
+    monkeypatch.setattr(train_module, "_offload_target", lambda parts, config: torch.device("meta"))
+
+    class Hooks(TrainingHooks):
+        def on_preview(self, step, trainable):
+            seen.append(list(moves))
+
+    request = {
+        "network": {"name": "zqnet", "rank": 4},
+        "data": {"data_dir": str(image_dir), "width": 64, "height": 64},
+        "train": {"steps": 4, "save_every": 0, "preview_every": 2},
+    }
+    lora.train_lora(
+        lora.LoraConfig.from_dict(request), parts, lora.OutputPaths(tmp_path / "L", tmp_path / "l"), Hooks()
+    )
+    away = [("vae", "meta"), ("text_encoder", "meta")]
+    home = [("vae", "cpu"), ("text_encoder", "cpu")]
+    assert seen[0] == away + home  # sent away, back for the preview at step 2
+    assert moves == (away + home) * 4  # ... away again; back for the preview at step 4, the final save, the end

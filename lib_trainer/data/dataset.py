@@ -253,19 +253,40 @@ class PromptMaker:
 
     def prompt(self, sample: Sample) -> str:
         """A prompt for ``sample``; the caption falls back per ``missing_caption``."""
-        cfg = self.config
         if sample.is_reg:  # class images keep their own caption (kohya): no template, no trigger word
-            return sample.caption or sample.folder_caption or caption_from_filename(sample.path)
+            return self._reg_prompt(sample)
+        return fill_template(self.rng.choice(sample.template or self.template), self.name, self._caption(sample, True))
+
+    @property
+    def varies(self) -> bool:
+        """True when captions change between epochs (tag shuffling, tag or caption drop-out)."""
+        cfg = self.config
+        return bool(cfg.shuffle_tags or cfg.tag_dropout or cfg.caption_dropout)
+
+    def variants(self, sample: Sample) -> list[str]:
+        """Every prompt ``prompt`` can give ``sample`` when captions do not vary (one per template line)."""
+        if sample.is_reg:
+            return [self._reg_prompt(sample)]
+        caption = self._caption(sample, False)
+        return list(dict.fromkeys(fill_template(line, self.name, caption) for line in sample.template or self.template))
+
+    @staticmethod
+    def _reg_prompt(sample: Sample) -> str:
+        return sample.caption or sample.folder_caption or caption_from_filename(sample.path)
+
+    def _caption(self, sample: Sample, augment: bool) -> str:
+        cfg = self.config
         caption = sample.caption if sample.caption is not None else sample.folder_caption
         if caption is None:
             caption = caption_from_filename(sample.path) if cfg.missing_caption == "filename" else ""
-        caption = augment_tags(caption, self.rng, cfg.shuffle_tags, cfg.keep_tags, cfg.tag_dropout)
-        if cfg.caption_dropout and self.rng.random() < cfg.caption_dropout:
-            caption = ""
+        if augment:
+            caption = augment_tags(caption, self.rng, cfg.shuffle_tags, cfg.keep_tags, cfg.tag_dropout)
+            if cfg.caption_dropout and self.rng.random() < cfg.caption_dropout:
+                caption = ""
         trigger = getattr(cfg, "trigger_word", "")  # DreamBooth's shared rules have none (prompts are per concept)
         if trigger:
             caption = f"{trigger}, {caption}" if caption else trigger
-        return fill_template(self.rng.choice(sample.template or self.template), self.name, caption)
+        return caption
 
 
 class LatentCache:

@@ -28,7 +28,7 @@ from lib_trainer.loop.precision import autocast, grad_scaler, resolve_precision
 from lib_trainer.loop.schedules import LearningRate
 from lib_trainer.models.attention import sdpa_attention
 from lib_trainer.models.checkpointing import checkpoint_targets, checkpointed
-from lib_trainer.models.guard import frozen_host
+from lib_trainer.models.guard import IdleModules, frozen_host
 from lib_trainer.models.parts import ModelParts
 
 
@@ -186,6 +186,8 @@ class _Run:
     groups: list[dict[str, Any]]
     step_rng: StepRng
     precision: str
+    idle: IdleModules
+    conditions: Any = None  # (parts, prompts) -> conditioning from a cache, or None: the trainable's condition
     mode: OptimizerMode | None = None
     own_rate: bool = False  # the optimizer sets its learning rate itself (Adafactor's relative step)
     last_saved: int = -1
@@ -200,8 +202,13 @@ def train(
     config: TrainConfig,
     hooks: TrainingHooks | None = None,
     loss_log: LossLog | None = None,
+    conditions: Any = None,
 ) -> TrainResult:
-    """Train ``trainable`` on ``parts`` until ``config.steps`` (total, counting resumed steps) or a stop."""
+    """Train ``trainable`` on ``parts`` until ``config.steps`` (total, counting resumed steps) or a stop.
+
+    ``conditions`` (``methods/cached_text.CachedConditions``) replaces the trainable's ``condition`` with outputs
+    encoded before training; the text encoder then counts as idle, like the VAE (latents are cached), and both wait
+    on the CPU while the UNet trains on CUDA (``train.offload_idle_models``)."""
     hooks = hooks or TrainingHooks()
     loss_log = loss_log or LossLog(None)
     precision = resolve_precision(config.mixed_precision, parts.device)
@@ -210,9 +217,13 @@ def train(
     optimizer = build_optimizer(config.optimizer, groups, config.weight_decay, optimizer_args, parts.device)
     generator = torch.Generator(device=parts.device).manual_seed(config.seed)
     step_rng = StepRng(config.seed, parts.device)
+    idle = IdleModules(_idle_modules(parts, conditions is not None), _offload_target(parts, config))
     run = _Run(
-        parts, trainable, config, optimizer, generator, batches, trainable.start_step, groups, step_rng, precision
+        parts, trainable, config, optimizer, generator, batches, trainable.start_step, groups, step_rng, precision, idle
     )
+    if conditions is not None:
+        run.conditions = conditions
+        conditions.live = lambda encode: _with_present(idle, encode)
     run.mode, run.own_rate = OptimizerMode(optimizer), uses_own_rate(config.optimizer, optimizer_args)
     _restore(run, trainable.resume)
     run.mode.train()
@@ -229,7 +240,7 @@ def train(
     blocks = checkpoint_targets(parts, getattr(trainable, "trains_text_encoder", False))
     checkpoints = checkpointed(blocks if config.gradient_checkpointing else [])
     attention = sdpa_attention(parts.unet, config.attention == "sdpa")
-    with frozen_host(parts.host_modules.values()), trainable.attach(parts), checkpoints, attention:
+    with frozen_host(parts.host_modules.values()), trainable.attach(parts), checkpoints, attention, idle:
         hooks.on_start(config.steps, run.step)
         try:
             while run.step < config.steps:
@@ -285,7 +296,7 @@ def _accumulate(run: _Run, objective: Objective, scaler) -> tuple[float, str, di
         prompt = prompts[0]
         device = run.parts.device
         with autocast(device, run.precision):
-            cond = run.trainable.condition(run.parts, prompts)
+            cond = (run.conditions or run.trainable.condition)(run.parts, prompts)
             masked = {"mask": extras["mask"].to(device)} if "mask" in extras else {}
             per_sample = objective.loss(run.parts, latents.to(device), cond, run.generator, **masked)
             loss, parts = _combined_loss(per_sample, extras)
@@ -311,6 +322,21 @@ def _combined_loss(per_sample: torch.Tensor, extras: dict[str, Any]) -> tuple[to
     class_loss = per_sample[prior] * (weights[prior] if weights is not None else 1.0)
     weighted_prior = class_loss.mean()
     return instance + weighted_prior, {"loss_instance": instance.item(), "loss_prior": weighted_prior.item()}
+
+
+def _idle_modules(parts: ModelParts, text_cached: bool) -> list[torch.nn.Module | None]:
+    """Host modules a step does not use: the VAE (latents are cached), the text encoder when its outputs are."""
+    return [parts.host_modules.get("vae"), parts.host_modules.get("text_encoder") if text_cached else None]
+
+
+def _offload_target(parts: ModelParts, config: TrainConfig) -> torch.device | None:
+    """Where idle modules wait: the CPU when training on CUDA (nothing to gain on the CPU itself)."""
+    return torch.device("cpu") if config.offload_idle_models and parts.device.type == "cuda" else None
+
+
+def _with_present(idle: IdleModules, encode):
+    with idle.present():
+        return encode()
 
 
 def _effective_rate(run: _Run, rate: float) -> float:
@@ -350,10 +376,11 @@ def _save_and_preview(run: _Run, hooks: TrainingHooks) -> None:
         return
     run.mode.evaluate()  # schedule-free: the averaged weights are the ones saved and shown
     try:
-        if save:
-            _save_if_new(run, hooks)
-        if preview:
-            hooks.on_preview(run.step, run.trainable)
+        with run.idle.present():
+            if save:
+                _save_if_new(run, hooks)
+            if preview:
+                hooks.on_preview(run.step, run.trainable)
     finally:
         run.mode.train()
 
@@ -362,6 +389,11 @@ def _save_if_new(run: _Run, hooks: TrainingHooks) -> None:
     if run.step == run.last_saved or run.step == run.trainable.start_step:
         return
     run.mode.evaluate()
+    with run.idle.present():
+        _save_now(run, hooks)
+
+
+def _save_now(run: _Run, hooks: TrainingHooks) -> None:
     params = run.trainable.parameters()
     if not all(bool(torch.isfinite(p).all()) for p in params):
         return

@@ -18,7 +18,9 @@ from lib_trainer.errors import ConfigError
 from lib_trainer.formats.files import is_inside, write_bytes_atomic
 from lib_trainer.loop.checkpoint import ResumeState
 from lib_trainer.loop.hooks import TrainingHooks
+from lib_trainer.loop.precision import resolve_precision
 from lib_trainer.loop.train import LossLog, Objective, Trainable, TrainResult, train
+from lib_trainer.methods.cached_text import CachedConditions
 from lib_trainer.models.diffusion import DiffusionObjective
 from lib_trainer.models.parts import ModelParts
 
@@ -56,7 +58,11 @@ def train_on_dataset(
     source = batches(samples, cache, prompts, config.train.batch_size, batch_seed)
     objective = objective or DiffusionObjective(config.train.noise_offset, config.train.min_snr_gamma)
     loss_log = LossLog(trainable.run_dir / "loss.csv", trainable.start_step)
-    return train(parts, trainable, source, objective, config.train, hooks, loss_log)
+    conditions = None
+    if config.train.cache_text_encoder_outputs and getattr(trainable, "fixed_condition", False):
+        precision = resolve_precision(config.train.mixed_precision, parts.device)
+        conditions = CachedConditions.build(parts, samples, prompts, config.data.flip, precision)
+    return train(parts, trainable, source, objective, config.train, hooks, loss_log, conditions)
 
 
 def resolve_epochs(config: Any, samples: list[Sample]) -> Any:

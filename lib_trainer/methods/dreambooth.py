@@ -229,6 +229,7 @@ class FullTrainable:
         self.name = config.dreambooth.name
         self.unet_params, self.text_params = trained_parameters(config.dreambooth, parts)
         self.trains_text_encoder = bool(self.text_params)
+        self.fixed_condition = not self.trains_text_encoder  # text-encoder outputs may be cached
         self.start_step, self.resume = 0, None
         self.main_path = path_in(paths.checkpoint_dir, f"{self.name}.safetensors")
         self.lora_path = path_in(paths.lora_dir, f"{self.name}.safetensors")

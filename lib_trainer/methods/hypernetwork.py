@@ -265,6 +265,8 @@ def _transform_input(module: HypernetworkModule):
 class HypernetworkTrainable:
     """The hypernetwork's parameters, attachment and saving for the training loop."""
 
+    fixed_condition = True  # the modules act on the UNet's attention inputs: text-encoder outputs may be cached
+
     def __init__(
         self, config: HypernetworkConfig, parts: ModelParts, paths: OutputPaths, net: Hypernetwork, start_step: int
     ):

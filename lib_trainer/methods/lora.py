@@ -370,6 +370,7 @@ class NetworkTrainable:
         self.name = config.network.name
         self.network = build_network(config.network, parts, config.train.seed)
         self.trains_text_encoder = bool(self.network.text_encoder_loras)
+        self.fixed_condition = not self.trains_text_encoder  # text-encoder outputs may be cached
         self.start_step, self.resume = 0, None
         self.main_path = path_in(paths.lora_dir, f"{self.name}.safetensors")
         self.run_dir = paths.log_dir / self.name

@@ -82,3 +82,47 @@ def wrapped_forwards(modules: Iterable[nn.Module], wrap: Callable[[nn.Module, Ca
                 module.forward = original
             else:
                 module.__dict__.pop("forward", None)
+
+
+class IdleModules:
+    """Host modules training does not use (the VAE once latents are cached, a text encoder whose outputs are
+    cached), moved to ``target`` (the CPU) for the run and back on exit; ``present()`` brings them back for a
+    block (previews, saves). Each module is put back on the device it was on, buffers included."""
+
+    def __init__(self, modules: Iterable[nn.Module | None], target: torch.device | None):
+        self.target = target
+        kept = [m for m in modules if m is not None] if target is not None else []
+        self.homes = [(m, next(m.parameters()).device) for m in kept if any(True for _ in m.parameters())]
+        self.away = False
+
+    def __enter__(self) -> IdleModules:
+        self._send()
+        return self
+
+    def __exit__(self, *_exc) -> None:
+        self._bring_back()
+
+    @contextlib.contextmanager
+    def present(self) -> Iterator[None]:
+        """The modules on their own devices for the block."""
+        was_away = self.away
+        self._bring_back()
+        try:
+            yield
+        finally:
+            if was_away:
+                self._send()
+
+    def _send(self) -> None:
+        if self.homes:
+            for module, _home in self.homes:
+                module.to(self.target)
+            self.away = True
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+
+    def _bring_back(self) -> None:
+        if self.away:
+            for module, home in self.homes:
+                module.to(home)
+            self.away = False

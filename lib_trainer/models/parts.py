@@ -63,6 +63,7 @@ class ModelParts:
     unet_lora_names: Callable[[nn.Module], dict[str, str]] | None = None  # lycoris name -> kohya file name
     model: nn.Module | None = None  # the whole host model: its state_dict (wrappers removed) is a checkpoint
     checkpoint_file: str | None = None  # the file the host loaded the model from, when known
+    size_conditioned: bool = False  # the conditioning depends on each image's SizeCondition (SDXL)
 
     def condition(self, prompts: Sequence[str], vectors: Mapping[str, torch.Tensor] | None = None) -> Any:
         """The conditioning ``apply_model`` takes for ``prompts`` (a tensor; SDXL: its dict), with embeddings

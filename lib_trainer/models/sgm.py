@@ -83,6 +83,7 @@ def parts_from_sgm(
         apply_model=sd_model.apply_model,
         latent_encoder=LatentEncoder(_vae_encode_fn(sd_model.first_stage_model), float(sd_model.scale_factor)),
         alphas_cumprod=_alphas(sd_model).to(device=device, dtype=torch.float32),
+        size_conditioned=True,
         host_modules={
             "unet": sd_model.model,
             "text_encoder": sd_model.conditioner,

@@ -96,6 +96,13 @@ TRAIN_FIELDS: tuple[FormField, ...] = (
     FormField("train.mixed_precision", "Mixed precision", "dropdown", choices=("auto", "no", "fp16", "bf16")),
     FormField("train.gradient_checkpointing", "Gradient checkpointing (much less VRAM, ~30% slower)", "checkbox"),
     FormField(
+        "train.cache_text_encoder_outputs",
+        "Cache text-encoder outputs (when the text encoder does not train and captions never change)",
+        "checkbox",
+    ),
+    FormField("train.offload_idle_models", "Move the idle VAE / cached text encoder to the CPU while training", "checkbox"),
+    FormField("train.compile", "torch.compile the UNet (slow start; faster steps on recent GPUs)", "checkbox"),
+    FormField(
         "train.attention",
         "Training attention",
         "radio",
