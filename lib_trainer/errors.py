@@ -32,5 +32,9 @@ class TrainingError(TrainerError):
     """Training could not go on (for example the loss became NaN)."""
 
 
+class OutOfMemoryError(TrainingError):
+    """The GPU ran out of memory; the message lists what would lower the run's memory."""
+
+
 class AccessError(TrainerError):
     """A path lies outside the folders the host allows the trainer to use (HTTP 403)."""

@@ -21,7 +21,7 @@ import pytest
 import safetensors
 import torch
 
-from lib_trainer.errors import FormatError, TrainingError
+from lib_trainer.errors import FormatError, OutOfMemoryError
 from lib_trainer.formats.embedding import read_embedding
 from lib_trainer.formats.hypernetwork import read_hypernetwork
 from lib_trainer.formats.lora import read_network
@@ -251,8 +251,10 @@ def test_running_out_of_gpu_memory_keeps_the_work_and_says_what_to_change(sd1_mo
     before = state_fingerprint(sd1_model)
     paths = ti.OutputPaths(tmp_path / "embeddings", tmp_path / "logs")
     config = ti_config(image_dir, 6)
-    with pytest.raises(TrainingError, match=r"ran out of memory at step 3.*step 2\) is saved.*Lower train\.batch_size"):
+    expected = r"ran out of memory at step 3.*step 2\) is saved.*restored.*train\.gradient_checkpointing.*adafactor"
+    with pytest.raises(OutOfMemoryError, match=expected) as info:
         ti.train_embedding(config, parts_from_ldm(sd1_model), paths, objective=OutOfMemoryAtStep3())
+    assert info.value.field == "train.gradient_checkpointing"  # the first thing to change
     assert read_embedding(paths.embeddings_dir / "zqtoken.safetensors").step == 2
     after = state_fingerprint(sd1_model)
     assert all(torch.equal(before[k], after[k]) for k in before)

@@ -516,3 +516,44 @@ def test_sd2_text_encoder_lora_keys_all_match_the_webui(sd2_webui, sd2_model, mo
     assert job.state == "done", job.error
     assert job.warnings == []
     del sd2_model.network_layer_mapping
+
+
+def test_api_memory_check_runs_two_steps_and_writes_nothing(client, webui, sd1_model):
+    """A preflight job: the peak after 2 real steps and whether it fits, no file where the run would write, the
+    host model as before; an out-of-memory in it says what to change."""
+    before = state_fingerprint(sd1_model)
+    body = {"method": "textual_inversion", "config": ti_request(webui.data, steps=50), "preflight": True}
+    reply = client.post("/trainer/v1/jobs", json=body)
+    assert reply.status_code == 200, reply.text
+    status = client.get(f"/trainer/v1/jobs/{webui.manager.wait(reply.json()['id']).id}").json()
+    assert status["state"] == "done", status["error"]
+    assert (status["preflight"], status["step"], status["previews"], status["saved"]) == (True, 2, [], [])
+    memory = status["memory"]
+    assert memory["steps"] == 2
+    assert memory["peak_mib"] > 0
+    assert memory["total_mib"] > memory["peak_mib"]
+    assert memory["fits"] is True
+    assert "after 2 steps: fits" in status["status"]
+    assert not (webui.root / "embeddings" / "zqtoken.safetensors").exists()
+    assert not (webui.root / "trainer" / "textual_inversion" / "zqtoken").exists()
+    after = state_fingerprint(sd1_model)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    bad = client.post("/trainer/v1/jobs", json={**body, "preflight": "yes"})
+    assert (bad.status_code, bad.json()["detail"]["field"]) == (422, "preflight")
+
+
+def test_a_memory_check_that_runs_out_of_memory_says_what_to_change(webui, monkeypatch):
+    jobs_module = sys.modules["lib_trainer.webui.jobs"]
+    from lib_trainer.models import diffusion
+
+    def out_of_memory(*_args, **_kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(diffusion.DiffusionObjective, "loss", out_of_memory)
+    job = webui.manager.submit("textual_inversion", ti_request(webui.data, batch_size=4), None, preflight=True)
+    job = webui.manager.wait(job.id)
+    assert job.state == "failed"
+    assert job.memory["fits"] is False
+    assert "gradient_checkpointing" in job.memory["advice"]
+    assert "lower train.batch_size to 2 and raise train.gradient_accumulation to 2" in job.error
+    assert jobs_module.Job is type(job)

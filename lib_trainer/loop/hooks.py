@@ -62,6 +62,13 @@ class TrainingHooks:
     def on_status(self, text: str) -> None:
         """What the run is doing before or between steps (e.g. "class images 3/50")."""
 
+    def on_memory(self, report: Any) -> None:
+        """The peak memory after the first steps (``loop.memory.MemoryReport``); a warning when it does not fit."""
+        if not report.fits:
+            self.on_warning(report.text())
+
+    dry_run = False  # True: train, but never save (a memory preflight)
+
     def on_warning(self, message: str) -> None:
         """Something the user should know that does not stop training (e.g. a risky learning rate)."""
         logging.getLogger("sd-webui-trainer").warning(message)

@@ -19,10 +19,11 @@ from typing import Any, Protocol
 import torch
 
 from lib_trainer.config import TrainConfig
-from lib_trainer.errors import ConfigError, TrainerError, TrainingError
+from lib_trainer.errors import ConfigError, OutOfMemoryError, TrainerError, TrainingError
 from lib_trainer.formats.files import write_bytes_atomic
 from lib_trainer.loop.checkpoint import ResumeState
 from lib_trainer.loop.hooks import Progress, TrainingHooks
+from lib_trainer.loop.memory import PREFLIGHT_STEPS, MemoryProbe, memory_advice
 from lib_trainer.loop.optimizers import OptimizerMode, build_optimizer, parse_optimizer_args, uses_own_rate
 from lib_trainer.loop.precision import autocast, grad_scaler, resolve_precision
 from lib_trainer.loop.schedules import LearningRate
@@ -240,8 +241,10 @@ def train(
     blocks = checkpoint_targets(parts, getattr(trainable, "trains_text_encoder", False))
     checkpoints = checkpointed(blocks if config.gradient_checkpointing else [])
     attention = sdpa_attention(parts.unet, config.attention == "sdpa")
+    probe = MemoryProbe(parts.device)
     with frozen_host(parts.host_modules.values()), trainable.attach(parts), checkpoints, attention, idle:
         hooks.on_start(config.steps, run.step)
+        probe.reset()
         try:
             while run.step < config.steps:
                 rate = schedule.at(run.step + 1)
@@ -252,6 +255,9 @@ def train(
                 row = {"step": run.step, "loss": loss, "learning_rate": rate, "elapsed_s": round(elapsed, 3)}
                 loss_log.add({**row, **loss_parts})
                 hooks.on_progress(_progress(run, loss, rate, elapsed, prompt, loss_parts))
+                done = run.step - trainable.start_step
+                if done == PREFLIGHT_STEPS or (done < PREFLIGHT_STEPS and run.step == config.steps):
+                    hooks.on_memory(probe.report(done, config))
                 _save_and_preview(run, hooks)
                 if hooks.should_stop():
                     stopped = True
@@ -386,7 +392,7 @@ def _save_and_preview(run: _Run, hooks: TrainingHooks) -> None:
 
 
 def _save_if_new(run: _Run, hooks: TrainingHooks) -> None:
-    if run.step == run.last_saved or run.step == run.trainable.start_step:
+    if run.step == run.last_saved or run.step == run.trainable.start_step or hooks.dry_run:
         return
     run.mode.evaluate()
     with run.idle.present():
@@ -431,12 +437,12 @@ def _raise_explained(run: _Run, exc: BaseException) -> None:
     if isinstance(exc, torch.OutOfMemoryError):
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-        raise TrainingError(
-            f"the GPU ran out of memory at step {run.step + 1} (batch size {run.config.batch_size}). {kept} "
-            "Lower train.batch_size (train.gradient_accumulation keeps the effective batch), use "
-            "train.mixed_precision 'bf16' or 'fp16', train at a lower resolution or rank, or close other programs "
-            "using the GPU",
-            field="train.batch_size",
+        advice = memory_advice(run.config)
+        field_name = "train.gradient_checkpointing" if not run.config.gradient_checkpointing else "train.batch_size"
+        raise OutOfMemoryError(
+            f"the GPU ran out of memory at step {run.step + 1} (batch size {run.config.batch_size}). {kept} The host "
+            f"model is restored. To fit: {'; '.join(advice)}; or close other programs using the GPU",
+            field=field_name,
         ) from exc
 
 

@@ -38,6 +38,12 @@ JOB_SCHEMA = {
             "description": "the config of the chosen method",
         },
         "preview": json_schema(PreviewConfig),
+        "preflight": {
+            "type": "boolean",
+            "default": False,
+            "description": "only check memory: 2 real steps, nothing saved; the job's 'memory' gives the peak, whether "
+            "it fits and what to change",
+        },
     },
 }
 
@@ -88,7 +94,10 @@ def register_routes(app: FastAPI, manager: JobManager, actions: dict[str, Callab
     api = access.api
 
     def submit(body: dict) -> dict:
-        job = manager.submit(body.get("method"), body.get("config"), body.get("preview"))
+        preflight = body.get("preflight", False)
+        if not isinstance(preflight, bool):
+            raise ConfigError(f"preflight must be true or false, not {preflight!r}", field="preflight")
+        job = manager.submit(body.get("method"), body.get("config"), body.get("preview"), preflight)
         return {"id": job.id, "state": job.state}
 
     _body_route(app, f"{PREFIX}/jobs", JOB_SCHEMA, submit, api)

@@ -100,7 +100,7 @@ TRAIN_FIELDS: tuple[FormField, ...] = (
         "Cache text-encoder outputs (when the text encoder does not train and captions never change)",
         "checkbox",
     ),
-    FormField("train.offload_idle_models", "Move the idle VAE / cached text encoder to the CPU while training", "checkbox"),
+    FormField("train.offload_idle_models", "Idle VAE / cached text encoder wait on the CPU while training", "checkbox"),
     FormField("train.compile", "torch.compile the UNet (slow start; faster steps on recent GPUs)", "checkbox"),
     FormField(
         "train.attention",

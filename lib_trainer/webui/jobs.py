@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 import itertools
 import queue
+import tempfile
 import threading
 import time
 import traceback
@@ -27,9 +28,10 @@ from typing import Any
 from lib_trainer.config import PreviewConfig, path_settings, to_dict
 from lib_trainer.data.preprocess import PreprocessConfig, check_input_folder, preprocess_folder
 from lib_trainer.data.templates import builtin_templates
-from lib_trainer.errors import ConfigError, TrainerError
+from lib_trainer.errors import ConfigError, OutOfMemoryError, TrainerError
 from lib_trainer.formats.files import check_allowed, write_atomic
 from lib_trainer.loop.hooks import Progress, TrainingHooks
+from lib_trainer.loop.memory import PREFLIGHT_STEPS
 from lib_trainer.methods import dreambooth as db
 from lib_trainer.methods import hypernetwork as hn
 from lib_trainer.methods import lora
@@ -171,6 +173,8 @@ class Job:
     created_at: float = field(default_factory=time.time)
     cancel_requested: bool = False
     save_requested: bool = False
+    preflight: bool = False  # a memory check: PREFLIGHT_STEPS real steps, nothing saved, logs in a temporary folder
+    memory: dict[str, Any] | None = None  # the MemoryReport after the first steps (or the out-of-memory verdict)
 
     @property
     def finished(self) -> bool:
@@ -197,6 +201,8 @@ class Job:
             "previews": [{"index": i, "step": step} for i, (step, _) in enumerate(self.previews)],
             "name": METHODS[self.method].name(self.config),
             "warnings": list(self.warnings),
+            "preflight": self.preflight,
+            "memory": self.memory,
             "config": to_dict(self.config),
             "preview": to_dict(self.preview) if self.preview is not None else None,
         }
@@ -207,6 +213,12 @@ class JobHooks(TrainingHooks):
 
     def __init__(self, job: Job, host: ModuleType, name: str):
         self.job, self.host, self.name = job, host, name
+        self.dry_run = job.preflight
+
+    def on_memory(self, report: Any) -> None:
+        self.job.memory = dataclasses.asdict(report)
+        self.on_status(report.text())
+        super().on_memory(report)
 
     def on_start(self, total_steps: int, start_step: int) -> None:
         self.job.total_steps, self.job.step = total_steps, start_step
@@ -283,11 +295,15 @@ class JobManager:
         self._worker: threading.Thread | None = None
         self._lock = threading.Lock()
 
-    def submit(self, method: Any, config: Any, preview: Any = None) -> Job:
-        """Check ``config`` for ``method`` (TrainerError naming the field when it is wrong) and queue a job."""
+    def submit(self, method: Any, config: Any, preview: Any = None, preflight: bool = False) -> Job:
+        """Check ``config`` for ``method`` (TrainerError naming the field when it is wrong) and queue a job;
+        ``preflight``: only measure its memory (PREFLIGHT_STEPS real steps, nothing written where the run writes)."""
         parsed, preview_config = self.validate(method, config, preview)
+        if preflight and METHODS[method].train is None:
+            raise ConfigError(f"a memory check needs a training method, not {method!r}", field="preflight")
         with self._lock:
             job = Job(id=f"{int(time.time())}-{next(self._ids)}", method=method, config=parsed, preview=preview_config)
+            job.preflight = bool(preflight)
             self.jobs[job.id] = job
             self._forget_old_jobs()
             self.pending.put(job)
@@ -410,6 +426,8 @@ class JobManager:
                 job.state = "interrupted" if result.stopped else "done"
             except TrainerError as exc:
                 job.state, job.error = "failed", str(exc)
+                if isinstance(exc, OutOfMemoryError):
+                    job.memory = {"fits": False, "steps": job.step, "advice": str(exc)}
             except Exception as exc:  # a bug or a CUDA error: keep the server alive, report it on the job
                 job.state, job.error = "failed", f"{type(exc).__name__}: {exc}"
                 traceback.print_exc()
@@ -420,10 +438,27 @@ class JobManager:
         if spec.run is not None:
             return spec.run(job, self.host, hooks)
         parts = self.host.model_parts(job.config.train.clip_skip)
-        result = spec.train(job.config, parts, spec.paths(self.host.folders()), hooks)
+        paths = spec.paths(self.host.folders())
+        if job.preflight:
+            return _preflight(job, spec, parts, paths, hooks)
+        result = spec.train(job.config, parts, paths, hooks)
         if spec.after is not None:
             spec.after(job, self.host)
         return result
+
+
+def _preflight(job: Job, spec: MethodSpec, parts: Any, paths: Any, hooks: JobHooks):
+    """Run the job's first PREFLIGHT_STEPS steps as configured, saving nothing (``hooks.dry_run``), with its run
+    folder (config, loss log, latent cache) in a temporary folder that is removed afterwards. DreamBooth's class
+    images are generated into their folder as for the run (it uses them)."""
+    train = dataclasses.replace(job.config.train, steps=PREFLIGHT_STEPS, save_every=0, preview_every=0)
+    changes: dict[str, Any] = {"train": train}
+    if getattr(job.config, "resume_from", ""):
+        changes["resume_from"] = ""
+    config = dataclasses.replace(job.config, **changes)
+    with tempfile.TemporaryDirectory(prefix="trainer-preflight-") as tmp:
+        paths = dataclasses.replace(paths, log_dir=Path(tmp))
+        return spec.train(config, parts, paths, hooks)
 
 
 def check_paths(config: Any, roots: list[Path] | None) -> None:

@@ -89,17 +89,19 @@ def create_tab(
         model_info = gr.Markdown(elem_id="trainer_model_info")
         job_id = gr.Textbox(visible=False, elem_id="trainer_job_id")
         status = gr.HTML(elem_id="trainer_status")
-        forms, checks = {}, {}
+        forms, checks, memory_checks = {}, {}, {}
         with gr.Tabs(elem_id="trainer_tabs"):
             with gr.Tab("Embedding", elem_id="trainer_tab_embedding"):
                 forms["textual_inversion"] = _method_controls("textual_inversion")
                 checks["textual_inversion"] = gr.Button("Check dataset", elem_id="trainer_textual_inversion_check")
                 create_btn = gr.Button("Create embedding", elem_id="trainer_create")
                 train_ti = gr.Button("Train embedding", variant="primary", elem_id="trainer_train")
+                memory_checks["textual_inversion"] = _memory_button("textual_inversion")
             with gr.Tab("LoRA", elem_id="trainer_tab_lora"):
                 forms["lora"] = _method_controls("lora")
                 checks["lora"] = gr.Button("Check dataset", elem_id="trainer_lora_check")
                 train_lora = gr.Button("Train LoRA", variant="primary", elem_id="trainer_train_lora")
+                memory_checks["lora"] = _memory_button("lora")
             with gr.Tab("Hypernetwork", elem_id="trainer_tab_hypernetwork"):
                 forms["hypernetwork"] = _method_controls("hypernetwork")
                 checks["hypernetwork"] = gr.Button("Check dataset", elem_id="trainer_hypernetwork_check")
@@ -108,6 +110,7 @@ def create_tab(
                 )
                 create_hn = gr.Button("Create hypernetwork", elem_id="trainer_create_hypernetwork")
                 train_hn = gr.Button("Train hypernetwork", variant="primary", elem_id="trainer_train_hypernetwork")
+                memory_checks["hypernetwork"] = _memory_button("hypernetwork")
             with gr.Tab("DreamBooth", elem_id="trainer_tab_dreambooth"):
                 gr.Markdown(
                     "Full fine-tuning into a new checkpoint; the loaded model is put back exactly afterwards. "
@@ -115,6 +118,7 @@ def create_tab(
                 )
                 forms["dreambooth"] = _method_controls("dreambooth", samplers)
                 train_db = gr.Button("Train DreamBooth", variant="primary", elem_id="trainer_train_dreambooth")
+                memory_checks["dreambooth"] = _memory_button("dreambooth")
             with gr.Tab("Embedding fine-tune", elem_id="trainer_tab_embedding_finetune"):
                 gr.Markdown(
                     "Changes the existing token rows of the text encoder (textual inversion adds new words instead). "
@@ -125,6 +129,7 @@ def create_tab(
                 train_rows = gr.Button(
                     "Train token rows", variant="primary", elem_id="trainer_train_embedding_finetune"
                 )
+                memory_checks["embedding_finetune"] = _memory_button("embedding_finetune")
             with gr.Tab("Dataset", elem_id="trainer_tab_dataset"):
                 prepare = _method_controls("preprocess")
                 run_prepare = gr.Button("Prepare folder", variant="primary", elem_id="trainer_run_preprocess")
@@ -141,6 +146,8 @@ def create_tab(
         _wire_create(actions["hypernetwork"], create_hn, forms["hypernetwork"], status, "hypernetwork")
         for method, button in checks.items():
             _wire_report(actions["report"], button, forms[method], status)
+        for method, button in memory_checks.items():
+            _wire_train(manager, button, method, forms[method], preview, job_id, status, preflight=True)
         sized = [(f"preview.{k}", c) for k, c in preview.items() if k in ("width", "height")]
         size_paths = set(size_defaults(1024))
         sized += [(p, c) for components in forms.values() for p, c in components.items() if p in size_paths]
@@ -241,7 +248,15 @@ def _run_panel(manager: JobManager, job_id, status) -> None:
     save_btn.click(fn=save_now, inputs=[job_id], outputs=[status])
 
 
-def _wire_train(manager: JobManager, button, method: str, components, preview, job_id, status) -> None:
+def _memory_button(method: str):
+    """The button that checks a run's memory before it starts (2 real steps, nothing saved)."""
+    return gr.Button("Check VRAM (2 steps)", elem_id=f"trainer_{method}_memory")
+
+
+def _wire_train(
+    manager: JobManager, button, method: str, components, preview, job_id, status, preflight: bool = False
+) -> None:
+    """``button`` submits the method's form as a job (``preflight``: a memory check of it)."""
     paths, controls = list(components), list(components.values())
     preview_keys, preview_controls = list(preview), list(preview.values())
     fields = FORMS[method][1]
@@ -250,10 +265,10 @@ def _wire_train(manager: JobManager, button, method: str, components, preview, j
         config = to_config_dict(dict(zip(paths, values[: len(paths)], strict=True)), fields)
         settings = dict(zip(preview_keys, values[len(paths) :], strict=True))
         try:
-            job = manager.submit(method, config, settings)
+            job = manager.submit(method, config, settings, preflight)
         except TrainerError as exc:
             raise gr.Error(str(exc)) from exc
-        return job.id, f"Job {job.id} queued."
+        return job.id, f"{'Memory check' if preflight else 'Job'} {job.id} queued."
 
     button.click(fn=train, inputs=controls + preview_controls, outputs=[job_id, status])
 
