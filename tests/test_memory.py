@@ -12,6 +12,7 @@ from lib_trainer.loop import train as train_module
 from lib_trainer.loop.hooks import TrainingHooks
 from lib_trainer.methods import lora
 from lib_trainer.methods import textual_inversion as ti
+from lib_trainer.models import compiled as compiled_module
 from lib_trainer.models.attention import cross_attentions, sdpa_attention
 from lib_trainer.models.diffusion import DiffusionObjective
 from lib_trainer.models.guard import frozen_host
@@ -180,3 +181,37 @@ def test_idle_modules_wait_elsewhere_and_come_back_for_previews_and_saves(sd1_mo
     home = [("vae", "cpu"), ("text_encoder", "cpu")]
     assert seen[0] == away + home  # sent away, back for the preview at step 2
     assert moves == (away + home) * 4  # ... away again; back for the preview at step 4, the final save, the end
+
+
+def test_compiled_unet_trains_the_same_and_reports_its_compile_time(sd1_model, image_dir, tmp_path, monkeypatch):
+    """train.compile on CPU with the aot_eager backend (no C compiler): dynamo traces the real UNet with the LoRA
+    wrappers and SDPA attention inside, and gives the eager run's losses and weights."""
+    monkeypatch.setattr(compiled_module, "BACKEND", "aot_eager")
+    parts = parts_from_ldm(sd1_model)
+    statuses = []
+
+    class Hooks(TrainingHooks):
+        def on_status(self, text):
+            statuses.append(text)
+
+    results = []
+    for compile_unet in (False, True):
+        request = {
+            "network": {"name": "zqnet", "rank": 4, "save_precision": "fp32"},
+            "data": {"data_dir": str(image_dir), "width": 64, "height": 64},
+            "train": {
+                "steps": 3,
+                "save_every": 0,
+                "preview_every": 0,
+                "compile": compile_unet,
+                "learning_rate": "1e-3",
+            },
+        }
+        paths = lora.OutputPaths(tmp_path / f"L{compile_unet}", tmp_path / f"l{compile_unet}")
+        result = lora.train_lora(lora.LoraConfig.from_dict(request), parts, paths, Hooks())
+        results.append(([r["loss"] for r in result.history], read_network(result.saved[-1])[0]))
+    (loss_a, tensors_a), (loss_b, tensors_b) = results
+    assert loss_b == pytest.approx(loss_a, rel=1e-5)
+    assert all(torch.allclose(tensors_a[k], tensors_b[k], atol=1e-6) for k in tensors_a)
+    assert [s for s in statuses if "torch.compile" in s] == [statuses[-1]]  # one shape, compiled once
+    assert "forward" not in parts.unet.__dict__

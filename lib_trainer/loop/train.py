@@ -29,6 +29,7 @@ from lib_trainer.loop.precision import autocast, grad_scaler, resolve_precision
 from lib_trainer.loop.schedules import LearningRate
 from lib_trainer.models.attention import sdpa_attention
 from lib_trainer.models.checkpointing import checkpoint_targets, checkpointed
+from lib_trainer.models.compiled import compiled_unet
 from lib_trainer.models.guard import IdleModules, frozen_host
 from lib_trainer.models.parts import ModelParts
 
@@ -241,8 +242,9 @@ def train(
     blocks = checkpoint_targets(parts, getattr(trainable, "trains_text_encoder", False))
     checkpoints = checkpointed(blocks if config.gradient_checkpointing else [])
     attention = sdpa_attention(parts.unet, config.attention == "sdpa")
+    compiled = compiled_unet(parts.unet, config.compile, hooks.on_status)
     probe = MemoryProbe(parts.device)
-    with frozen_host(parts.host_modules.values()), trainable.attach(parts), checkpoints, attention, idle:
+    with frozen_host(parts.host_modules.values()), trainable.attach(parts), checkpoints, attention, idle, compiled:
         hooks.on_start(config.steps, run.step)
         probe.reset()
         try:
