@@ -557,3 +557,24 @@ def test_a_memory_check_that_runs_out_of_memory_says_what_to_change(webui, monke
     assert "gradient_checkpointing" in job.memory["advice"]
     assert "lower train.batch_size to 2 and raise train.gradient_accumulation to 2" in job.error
     assert jobs_module.Job is type(job)
+
+
+def test_the_webuis_fp16_autocast_does_not_override_the_trainers_precision(webui, sd1_model, monkeypatch):
+    """The WebUI's apply_model hijack enters devices.autocast(); inside training steps that is a no-op (the trainer's
+    bf16 stays bf16), and the host's own context is back afterwards."""
+    devices = sys.modules["modules.devices"]
+    host_autocast = devices.autocast
+    seen = []
+    original = type(sd1_model).apply_model
+
+    def hijacked(self, x, t, cond, *args, **kwargs):  # as sd_hijack_unet.apply_model does
+        seen.append((torch.is_grad_enabled(), devices.autocast is host_autocast))
+        with devices.autocast():
+            return original(self, x, t, cond, *args, **kwargs)
+
+    monkeypatch.setattr(type(sd1_model), "apply_model", hijacked)
+    job = webui.manager.wait(webui.manager.submit("textual_inversion", ti_request(webui.data, preview_every=0)).id)
+    assert job.state == "done", job.error
+    assert seen
+    assert all(not host for grad, host in seen if grad)  # the trainer's autocast decides inside steps
+    assert devices.autocast is host_autocast

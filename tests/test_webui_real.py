@@ -27,7 +27,8 @@ sys.argv = [sys.argv[0]]
 from modules import initialize, shared_init
 initialize.imports()
 shared_init.initialize()
-from modules import call_queue, paths_internal, processing, script_callbacks, sd_hijack, sd_samplers, shared
+from modules import call_queue, devices, paths_internal, processing, script_callbacks, sd_hijack, sd_hijack_unet
+from modules import sd_samplers, shared
 from modules import sd_models
 from modules import deepbooru, scripts_postprocessing, ui_components
 from modules.textual_inversion import textual_inversion
@@ -78,6 +79,8 @@ print(json.dumps({
     "option_info": hasattr(shared, "OptionInfo") and "restrict_api" in params(shared.OptionInfo.__init__),
     "reload_hypernetworks": callable(getattr(shared, "reload_hypernetworks", None)),
     "data_path": isinstance(paths_internal.data_path, str),
+    "devices_autocast": params(devices.autocast) == ["disable"]
+                        and "devices.autocast()" in inspect.getsource(sd_hijack_unet.apply_model),
     "queue_lock": hasattr(call_queue.queue_lock, "__enter__"),
     "embedding_db": params(db.load_textual_inversion_embeddings) == ["force_reload"]
                     and params(db.register_embedding_by_name) == ["embedding", "model", "name"],

@@ -8,6 +8,7 @@ The host surface used here, kept honest by tests/test_webui_real.py against a re
     the FastAPI app given to on_app_started: gradio's App, whose ``auth`` is set under --gradio-auth and whose
         ``tokens`` maps the login cookie ("access-token...") to the user
     modules.paths_internal.data_path
+    modules.devices.autocast (replaced by a no-op inside training steps: the trainer's autocast decides)
     modules.call_queue.queue_lock
     modules.sd_hijack.model_hijack.embedding_db: load_textual_inversion_embeddings(force_reload),
         register_embedding_by_name(embedding, model, name)
@@ -41,7 +42,7 @@ from typing import Any
 
 import torch
 from fastapi import Depends, HTTPException, Request
-from modules import call_queue, paths_internal, processing, sd_hijack, sd_models, sd_samplers, shared
+from modules import call_queue, devices, paths_internal, processing, sd_hijack, sd_models, sd_samplers, shared
 
 from lib_trainer.errors import ConfigError, UnsupportedModelError
 from lib_trainer.formats.files import safetensors_keys
@@ -223,7 +224,30 @@ def model_parts(clip_skip: int | None = None) -> ModelParts:
     else:
         parts = parts_from_ldm(model, clip_skip=skip, model_name=name, model_hash=short_hash)
     parts.checkpoint_file = getattr(info, "filename", None)
+    parts.apply_model = _trainer_precision(parts.apply_model)
     return parts
+
+
+def _trainer_precision(apply_model):
+    """The WebUI's ``apply_model`` hijack enters ``devices.autocast()``, fp16 autocast on CUDA, which inside a
+    training step would override the trainer's own choice (bf16 became fp16, without a gradient scaler). While
+    gradients are on, that context is a no-op and the trainer's autocast decides; sampling is untouched."""
+
+    def apply(x, t, cond, *args, **kwargs):
+        if not torch.is_grad_enabled():
+            return apply_model(x, t, cond, *args, **kwargs)
+        host_autocast = devices.autocast
+        devices.autocast = _no_autocast
+        try:
+            return apply_model(x, t, cond, *args, **kwargs)
+        finally:
+            devices.autocast = host_autocast
+
+    return apply
+
+
+def _no_autocast(disable: bool = False) -> contextlib.AbstractContextManager:
+    return contextlib.nullcontext()
 
 
 def checkpoint_markers(filename: str | None) -> frozenset[str]:

@@ -7,6 +7,7 @@ a real WebUI checkout when SD_WEBUI_DIR is set.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import threading
 import types
@@ -30,6 +31,7 @@ MODULE_NAMES = (
     "modules.scripts_postprocessing",
     "modules.ui_components",
     "modules.deepbooru",
+    "modules.devices",
 )
 
 
@@ -274,6 +276,7 @@ def install(model: Any, root: Path) -> types.SimpleNamespace:
     sampler = types.SimpleNamespace(name="Euler a")
     mods["modules.sd_samplers"].samplers_map = {"euler a": "Euler a"}
     mods["modules.sd_samplers"].all_samplers = [sampler]
+    mods["modules.devices"].autocast = lambda disable=False: contextlib.nullcontext()
     sd_models = mods["modules.sd_models"]
     sd_models.model_path = str(root / "models" / "Stable-diffusion")
     sd_models.checkpoints_list, sd_models.loaded = {}, []
