@@ -356,7 +356,9 @@ class TrainConfig:
     weight_decay: float = setting(0.0, low=0.0, high=10.0)
     clip_grad: Literal["off", "norm", "value"] = "off"
     clip_grad_value: float = setting(1.0, low=1e-12, high=1e6)
-    mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"
+    # full_bf16: the UNet's weights stored in bf16 for the run (restored exactly) and the trained parameters in
+    # bf16 with fp32 masters: no weight casts under autocast (less memory, faster); TI and LoRA/LyCORIS
+    mixed_precision: Literal["auto", "no", "fp16", "bf16", "full_bf16"] = "auto"
     gradient_checkpointing: bool = False  # recompute UNet-block (and trained text-encoder) activations: less memory
     # sdpa: train attention with torch's scaled_dot_product_attention (flash / memory-efficient kernels) whatever
     # the WebUI's optimisation for inference (xformers stays if the WebUI uses it); host: the WebUI's own forward

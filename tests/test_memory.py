@@ -6,16 +6,18 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lib_trainer.formats.embedding import EmbeddingFile
+from lib_trainer.errors import ConfigError
+from lib_trainer.formats.embedding import EmbeddingFile, read_embedding
 from lib_trainer.formats.lora import read_network
 from lib_trainer.loop import train as train_module
+from lib_trainer.loop.checkpoint import read_sidecar
 from lib_trainer.loop.hooks import TrainingHooks
 from lib_trainer.methods import lora
 from lib_trainer.methods import textual_inversion as ti
 from lib_trainer.models import compiled as compiled_module
 from lib_trainer.models.attention import cross_attentions, sdpa_attention
 from lib_trainer.models.diffusion import DiffusionObjective
-from lib_trainer.models.guard import frozen_host
+from lib_trainer.models.guard import frozen_host, state_fingerprint
 from lib_trainer.models.ldm import parts_from_ldm
 from lib_trainer.models.parts import Prompts, SizeCondition
 from lib_trainer.models.sgm import parts_from_sgm
@@ -215,3 +217,56 @@ def test_compiled_unet_trains_the_same_and_reports_its_compile_time(sd1_model, i
     assert all(torch.allclose(tensors_a[k], tensors_b[k], atol=1e-6) for k in tensors_a)
     assert [s for s in statuses if "torch.compile" in s] == [statuses[-1]]  # one shape, compiled once
     assert "forward" not in parts.unet.__dict__
+
+
+def test_full_bf16_lora_trains_from_fp32_masters_and_leaves_the_host_exact(sd1_model, image_dir, tmp_path):
+    """The UNet is stored in bf16 for the run and put back bit-identically; the file and the resume state hold the
+    fp32 masters (not their bf16 rounding), and the run learns like bf16 autocast does."""
+    parts = parts_from_ldm(sd1_model)
+    before = state_fingerprint(sd1_model)
+    dtypes = {p.dtype for p in parts.unet.parameters()}
+    seen = []
+
+    class Hooks(TrainingHooks):
+        def on_progress(self, progress):
+            seen.append({p.dtype for p in parts.unet.parameters()})
+
+    losses = {}
+    for precision in ("bf16", "full_bf16"):
+        request = {
+            "network": {"name": "zqnet", "rank": 4, "save_precision": "fp32"},
+            "data": {"data_dir": str(image_dir), "width": 64, "height": 64},
+            "train": {"steps": 6, "save_every": 3, "preview_every": 0, "mixed_precision": precision},
+        }
+        paths = lora.OutputPaths(tmp_path / precision, tmp_path / f"log-{precision}")
+        result = lora.train_lora(lora.LoraConfig.from_dict(request), parts, paths, Hooks())
+        losses[precision] = [r["loss"] for r in result.history]
+    assert torch.bfloat16 in seen[-1]  # full_bf16 steps ran on bf16 weights
+    after = state_fingerprint(sd1_model)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert {p.dtype for p in parts.unet.parameters()} == dtypes
+    main = tmp_path / "full_bf16" / "zqnet.safetensors"
+    tensors, masters = read_network(main)[0], read_sidecar(main).params
+    assert any(m.dtype == torch.float32 and not torch.equal(m, m.bfloat16().float()) for m in masters)
+    assert all(v.dtype == torch.float32 for v in tensors.values())
+    assert sum(losses["full_bf16"]) == pytest.approx(sum(losses["bf16"]), rel=0.05)
+
+
+def test_full_bf16_textual_inversion_trains_and_other_methods_refuse_it(sd1_model, image_dir, tmp_path):
+    parts = parts_from_ldm(sd1_model)
+    emb = {"name": "zqtoken", "init_text": "cat", "num_vectors": 2}
+    train = {"steps": 3, "save_every": 0, "preview_every": 0, "mixed_precision": "full_bf16"}
+    config = ti.TextualInversionConfig.from_dict(
+        {"embedding": emb, "data": {"data_dir": str(image_dir)}, "train": train}
+    )
+    result = ti.train_embedding(config, parts, ti.OutputPaths(tmp_path / "e", tmp_path / "log"))
+    assert result.step == 3
+    vectors = read_embedding(result.saved[-1]).vectors
+    assert vectors.dtype == torch.float32
+    assert not torch.equal(vectors, vectors.bfloat16().float())  # the fp32 masters, not their bf16 rounding
+    from lib_trainer.methods import hypernetwork as hn
+
+    request = {"hypernetwork": {"name": "zqhn"}, "data": {"data_dir": str(image_dir)}, "train": train}
+    with pytest.raises(ConfigError, match=r"full_bf16.*fp32") as info:
+        hn.check(hn.HypernetworkConfig.from_dict(request), parts, hn.OutputPaths(tmp_path / "h", tmp_path / "hl"))
+    assert info.value.field == "train.mixed_precision"

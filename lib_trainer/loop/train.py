@@ -25,7 +25,7 @@ from lib_trainer.loop.checkpoint import ResumeState
 from lib_trainer.loop.hooks import Progress, TrainingHooks
 from lib_trainer.loop.memory import PREFLIGHT_STEPS, MemoryProbe, memory_advice
 from lib_trainer.loop.optimizers import OptimizerMode, build_optimizer, parse_optimizer_args, uses_own_rate
-from lib_trainer.loop.precision import autocast, grad_scaler, resolve_precision
+from lib_trainer.loop.precision import Bf16Masters, autocast, bf16_weights, grad_scaler, resolve_precision
 from lib_trainer.loop.schedules import LearningRate
 from lib_trainer.models.attention import sdpa_attention
 from lib_trainer.models.checkpointing import checkpoint_targets, checkpointed
@@ -189,6 +189,7 @@ class _Run:
     step_rng: StepRng
     precision: str
     idle: IdleModules
+    masters: Bf16Masters | None = None  # full_bf16: fp32 masters of the trained parameters
     conditions: Any = None  # (parts, prompts) -> conditioning from a cache, or None: the trainable's condition
     mode: OptimizerMode | None = None
     own_rate: bool = False  # the optimizer sets its learning rate itself (Adafactor's relative step)
@@ -215,8 +216,10 @@ def train(
     loss_log = loss_log or LossLog(None)
     precision = resolve_precision(config.mixed_precision, parts.device)
     groups = trainable.param_groups() if hasattr(trainable, "param_groups") else [{"params": trainable.parameters()}]
+    masters = Bf16Masters(trainable.parameters()) if precision == "full_bf16" else None
     optimizer_args = parse_optimizer_args(config.optimizer_args)
-    optimizer = build_optimizer(config.optimizer, groups, config.weight_decay, optimizer_args, parts.device)
+    optimizer_groups = masters.groups(groups) if masters else groups
+    optimizer = build_optimizer(config.optimizer, optimizer_groups, config.weight_decay, optimizer_args, parts.device)
     generator = torch.Generator(device=parts.device).manual_seed(config.seed)
     step_rng = StepRng(config.seed, parts.device)
     idle = IdleModules(_idle_modules(parts, conditions is not None), _offload_target(parts, config))
@@ -227,7 +230,9 @@ def train(
         run.conditions = conditions
         conditions.live = lambda encode: _with_present(idle, encode)
     run.mode, run.own_rate = OptimizerMode(optimizer), uses_own_rate(config.optimizer, optimizer_args)
-    _restore(run, trainable.resume)
+    run.masters = masters
+    with _exact(run):
+        _restore(run, trainable.resume)
     run.mode.train()
     schedule = LearningRate(
         config.learning_rate,
@@ -244,7 +249,16 @@ def train(
     attention = sdpa_attention(parts.unet, config.attention == "sdpa")
     compiled = compiled_unet(parts.unet, config.compile, hooks.on_status)
     probe = MemoryProbe(parts.device)
-    with frozen_host(parts.host_modules.values()), trainable.attach(parts), checkpoints, attention, idle, compiled:
+    stored_bf16 = bf16_weights(parts.unet, masters is not None)
+    with (
+        frozen_host(parts.host_modules.values()),
+        trainable.attach(parts),
+        checkpoints,
+        attention,
+        idle,
+        compiled,
+        stored_bf16,
+    ):
         hooks.on_start(config.steps, run.step)
         probe.reset()
         try:
@@ -269,6 +283,8 @@ def train(
             _raise_explained(run, exc)
             raise
         _save_if_new(run, hooks)
+        if masters:
+            masters.restore()
     return TrainResult(trainable.start_step, run.step, stopped, run.saved, loss_log.history)
 
 
@@ -280,6 +296,8 @@ def _optimizer_step(run: _Run, objective: Objective, rate: float, scaler) -> tup
         group["lr"] = 0.0 if stopped else rate * spec.get("lr_scale", 1.0)
     with run.step_rng.active():
         total, prompt, loss_parts = _accumulate(run, objective, scaler)
+    if run.masters:
+        run.masters.to_masters()
     if scaler:
         scaler.unscale_(run.optimizer)
     _clip(run)
@@ -289,6 +307,8 @@ def _optimizer_step(run: _Run, objective: Objective, rate: float, scaler) -> tup
     else:
         run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
+    if run.masters:
+        run.masters.to_params()
     return total, prompt, loss_parts
 
 
@@ -359,8 +379,13 @@ def _effective_rate(run: _Run, rate: float) -> float:
     return rate
 
 
+def _exact(run: _Run) -> contextlib.AbstractContextManager:
+    """full_bf16: the fp32 masters in place of the bf16 parameters for the block (saves, resume)."""
+    return run.masters.exact() if run.masters else contextlib.nullcontext()
+
+
 def _clip(run: _Run) -> None:
-    params = run.trainable.parameters()
+    params = run.masters.masters if run.masters else run.trainable.parameters()
     if run.config.clip_grad == "norm":
         torch.nn.utils.clip_grad_norm_(params, run.config.clip_grad_value)
     elif run.config.clip_grad == "value":
@@ -397,7 +422,7 @@ def _save_if_new(run: _Run, hooks: TrainingHooks) -> None:
     if run.step == run.last_saved or run.step == run.trainable.start_step or hooks.dry_run:
         return
     run.mode.evaluate()
-    with run.idle.present():
+    with run.idle.present(), _exact(run):
         _save_now(run, hooks)
 
 

@@ -352,7 +352,11 @@ def check(config: DreamBoothConfig, parts: ModelParts, paths: OutputPaths) -> No
     check_log_folder(paths.log_dir, paths.checkpoint_dir, "checkpoint")
     if parts.model is None:
         raise UnsupportedModelError("this host does not give the whole model, so no checkpoint can be written")
-    precision = resolve_precision(config.train.mixed_precision, parts.device)
+    precision = resolve_precision(
+        config.train.mixed_precision,
+        parts.device,
+        "DreamBooth trains the weights themselves; use dreambooth.weights_precision 'bf16' with 'bf16'",
+    )
     check_optimizer(config.train.optimizer, parts.device, config.train.optimizer_args)
     if cfg.weights_precision == "bf16" and precision == "no":
         raise ConfigError(

@@ -361,7 +361,9 @@ def _checksum_of(path: Path) -> str:
 def check(config: HypernetworkConfig, parts: ModelParts, paths: OutputPaths) -> None:
     """Everything knowable before training, without loading the images (run when a job is queued and at its start)."""
     check_log_folder(paths.log_dir, paths.hypernetwork_dir, "hypernetwork")
-    resolve_precision(config.train.mixed_precision, parts.device)
+    resolve_precision(
+        config.train.mixed_precision, parts.device, "hypernetwork modules compute in fp32 as in the WebUI; use 'bf16'"
+    )
     check_optimizer(config.train.optimizer, parts.device, config.train.optimizer_args)
     load_template(config.data.template)
     check_image_folders(config.data)

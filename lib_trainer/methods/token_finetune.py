@@ -236,7 +236,7 @@ def check(config: EmbeddingFinetuneConfig, parts: ModelParts, paths: OutputPaths
     """Everything knowable before training (at submit and at start)."""
     cfg = config.finetune
     check_log_folder(paths.log_dir, paths.checkpoint_dir, "checkpoint")
-    resolve_precision(config.train.mixed_precision, parts.device)
+    resolve_precision(config.train.mixed_precision, parts.device, "token rows train on the text encoder; use 'bf16'")
     check_optimizer(config.train.optimizer, parts.device, config.train.optimizer_args)
     for _, encoder in encoders(parts):
         token_ids(cfg, encoder)

@@ -93,7 +93,13 @@ TRAIN_FIELDS: tuple[FormField, ...] = (
     FormField("train.weight_decay", "Weight decay", "number", 0.0, 10.0),
     FormField("train.clip_grad", "Gradient clipping", "radio", choices=("off", "norm", "value")),
     FormField("train.clip_grad_value", "Clipping value", "number", 0.0),
-    FormField("train.mixed_precision", "Mixed precision", "dropdown", choices=("auto", "no", "fp16", "bf16")),
+    FormField(
+        "train.mixed_precision",
+        "Mixed precision",
+        "dropdown",
+        choices=("auto", "no", "fp16", "bf16", "full_bf16"),
+        info="full_bf16: UNet weights in bf16 for the run, fp32 masters of what trains (TI, LoRA): least memory",
+    ),
     FormField("train.gradient_checkpointing", "Gradient checkpointing (much less VRAM, ~30% slower)", "checkbox"),
     FormField(
         "train.cache_text_encoder_outputs",
