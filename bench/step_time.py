@@ -8,11 +8,13 @@ with random weights from configs (no downloads; SDXL at 1024 px), stored in fp16
 default is each method's own: off for adapters, on for DreamBooth) x optimizer (``--optimizers adamw,lion,...``;
 default: each method's own). An optimizer whose package is missing prints "skipped (package missing)".
 
-Time is the median interval between optimizer steps after two warm-up steps (so ``--steps`` >= 4). Memory is per
-row and measured over steps 2+ (the steady state, optimizer state included): on CUDA ``max_memory_allocated`` after
-``reset_peak_memory_stats``; on CPU the process's peak RSS after resetting the kernel's high-water mark
-(``/proc/self/clear_refs``), or, where that is not possible (or with ``--isolate``), each row runs in its own
-process and the number is that process's peak RSS.
+Time is the median interval between optimizer steps after two warm-up steps (so ``--steps`` >= 4), also shown as
+it/s. Memory is per row, over steps 2+ (the steady state, optimizer state included): on CUDA ``max_memory_allocated``
+after ``empty_cache`` + ``reset_peak_memory_stats``; on CPU the peak RSS after resetting the kernel's high-water mark
+(``/proc/self/clear_refs``; the process's whole RSS: interpreter, model and what earlier rows' heap kept). With
+``--isolate`` (automatic where clear_refs is unavailable) each row runs in its own process (a hidden ``--one-row``
+re-invocation): clean numbers, but every row pays the imports and the model build (minutes instead of ~20 s for
+``--sizes tiny --steps 4`` on 2 cores).
 
 Environments:
 
@@ -55,6 +57,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib.util
+import itertools
 import json
 import resource
 import subprocess
@@ -157,10 +160,11 @@ class Result:
     memory_mib: float | None = None
     autocast: str = ""
     weights: str = ""
+    tqdm_ms: float | None = None  # kohya's progress-bar rate, where its step hook gave no timestamps
 
     @property
     def ms(self) -> float | None:
-        return median_step_ms(self.times)
+        return median_step_ms(self.times) or self.tqdm_ms
 
 
 def median_step_ms(times: list[float]) -> float | None:
@@ -176,8 +180,9 @@ class PeakMemory:
         self.cuda = device.type == "cuda"
 
     @staticmethod
-    def rss_resettable() -> bool:
-        """True where the kernel lets this process reset its peak RSS (Linux >= 4.0)."""
+    def reset_rss() -> bool:
+        """Reset this process's peak RSS to its current RSS; False where the kernel does not allow it (not Linux
+        >= 4.0): rows then run in their own processes and report each process's peak."""
         try:
             Path("/proc/self/clear_refs").write_text("5")
         except OSError:
@@ -189,8 +194,8 @@ class PeakMemory:
             torch.cuda.synchronize()
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
-        elif not self.rss_resettable():
-            pass  # the row runs in its own process (--isolate): its whole peak RSS is the row's
+        else:
+            self.reset_rss()
 
     def peak_mib(self) -> float:
         if self.cuda:
@@ -339,6 +344,7 @@ METHODS = {
     "dreambooth-bf16-weights": (lambda p, r, w: dreambooth_trainable(p, r, w, "bf16"), "adafactor", True, ""),
 }
 BF16_WEIGHTS = {"dreambooth-bf16-weights"}
+CHECKPOINTING = {"on": [True], "off": [False], "both": [False, True]}  # --checkpointing default: the method's own
 
 
 def effective_precision(row: Row, device: torch.device) -> str:
@@ -369,14 +375,15 @@ def run_ours(model, row: Row, workdir: Path, device: torch.device) -> Result:
     trainable.save = lambda step, resume: []  # timing only
     memory = PeakMemory(device)
     clock = StepClock(memory)
-    autocast = effective_precision(row, device)
+    autocast = {"no": "off"}.get(effective_precision(row, device), effective_precision(row, device))
     memory.reset()
     try:
         train(parts, trainable, RandomLatents(row.batch, row.side // 8), DiffusionObjective(), train_config, clock)
     except torch.cuda.OutOfMemoryError:
         return Result(status="out of memory")
     base = DTYPE_NAMES.get(next(parts.unet.parameters()).dtype, "?")
-    weights = f"{base}, trained bf16" if row.method in BF16_WEIGHTS else base
+    trained = "bf16" if row.method in BF16_WEIGHTS else "fp32"
+    weights = f"{base}, trained {trained}" if row.method.startswith("dreambooth") else base
     return Result(times=clock.times, memory_mib=memory.peak_mib(), autocast=autocast, weights=weights)
 
 
@@ -398,21 +405,20 @@ def default_side(family: str, size: str) -> int:
 def plan_rows(args: argparse.Namespace) -> list[Row]:
     """Every row the flags ask for, in table order (model, method, batch, checkpointing, optimizer)."""
     rows = []
-    for size in args.sizes.split(","):
-        for family in args.families.split(","):
-            side = args.resolution or default_side(family, size)
-            for method in args.methods.split(","):
-                _, default_optimizer, default_checkpointing, _ = METHODS[method]
-                optimizers = [default_optimizer] if args.optimizers == "default" else args.optimizers.split(",")
-                checkpointing = {"on": [True], "off": [False], "both": [False, True]}.get(
-                    args.checkpointing, [default_checkpointing]
-                )
-                for batch in (int(b) for b in args.batch.split(",")):
-                    for ckpt in checkpointing:
-                        for optimizer in optimizers:
-                            row = Row(method, family, size, side, batch, ckpt, optimizer, args.precision, args.steps)
-                            rows.append(row)
+    models = itertools.product(args.sizes.split(","), args.families.split(","))
+    for (size, family), method in itertools.product(models, args.methods.split(",")):
+        _, default_optimizer, default_checkpointing, _ = METHODS[method]
+        optimizers = [default_optimizer] if args.optimizers == "default" else args.optimizers.split(",")
+        checkpointing = CHECKPOINTING.get(args.checkpointing, [default_checkpointing])
+        side = args.resolution or default_side(family, size)
+        for batch, ckpt, optimizer in itertools.product(parse_batches(args.batch), checkpointing, optimizers):
+            rows.append(Row(method, family, size, side, batch, ckpt, optimizer, args.precision, args.steps))
     return rows
+
+
+def parse_batches(text: str) -> list[int]:
+    """``"1,4"`` -> [1, 4]."""
+    return [int(b) for b in text.split(",")]
 
 
 def run_isolated(row: Row, workdir: Path, args: argparse.Namespace) -> Result:
@@ -423,7 +429,9 @@ def run_isolated(row: Row, workdir: Path, args: argparse.Namespace) -> Result:
     for line in reversed(done.stdout.splitlines()):
         if line.startswith("{"):
             return Result(**json.loads(line))
-    return Result(status=f"failed (exit {done.returncode}): {done.stderr.strip().splitlines()[-1:]}")
+    tail = "\n".join(done.stderr.strip().splitlines()[-10:])
+    print(f"[bench] {row.method} {row.family}-{row.size} failed (exit {done.returncode}):\n{tail}", file=sys.stderr)
+    return Result(status=f"failed (exit {done.returncode})")
 
 
 def one_row(args: argparse.Namespace) -> None:
@@ -431,57 +439,61 @@ def one_row(args: argparse.Namespace) -> None:
     row = Row(**json.loads(args.one_row))
     device = torch.device(args.device)
     model = build_bench_model(row.family, row.size, Path(args.workdir), device, row.precision)
-    result = run_ours(model, row, Path(args.workdir), device)
-    result.memory_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 if result.status == "ok" else None
+    result = run_ours(model, row, Path(args.workdir), device)  # RSS peak from step 2 where resettable, not the build's
     print(json.dumps(dataclasses.asdict(result)))
 
 
 def run_rows(rows: list[Row], workdir: Path, args: argparse.Namespace) -> list[tuple[Row, Result, Result | None]]:
     """Our result (and kohya's, with --kohya-dir) for every row; one model build per family and size."""
     device = torch.device(args.device)
-    isolate = args.isolate or (device.type == "cpu" and not PeakMemory.rss_resettable())
-    results, model, built = [], None, None
+    isolate = args.isolate or (device.type == "cpu" and not PeakMemory.reset_rss())
+    models = ModelCache(workdir, device)
+    results = []
     for row in rows:
-        if isolate:
-            ours = run_isolated(row, workdir, args)
-        else:
-            if built != (row.family, row.size):
-                model = built = None
-                model, built = (
-                    build_bench_model(row.family, row.size, workdir, device, row.precision),
-                    (
-                        row.family,
-                        row.size,
-                    ),
-                )
-            ours = run_ours(model, row, workdir, device)
-        theirs = kohya_result(row, ours, workdir, args, model)
+        ours = run_isolated(row, workdir, args) if isolate else run_ours(models.get(row), row, workdir, device)
+        theirs = kohya_result(row, ours, workdir, args, lambda row=row: models.get(row))
         results.append((row, ours, theirs))
         print_progress(row, ours, theirs)
     return results
 
 
-def kohya_result(row: Row, ours: Result, workdir: Path, args: argparse.Namespace, model) -> Result | None:
-    """kohya's numbers for a comparable row (None without --kohya-dir, or a status saying why not)."""
+class ModelCache:
+    """The current family/size's model, built on first use (one model in memory at a time)."""
+
+    def __init__(self, workdir: Path, device: torch.device):
+        self.workdir, self.device, self.key, self.model = workdir, device, None, None
+
+    def get(self, row: Row):
+        """The row's model, building it (and dropping the previous one) when the family or size changes."""
+        if self.key != (row.family, row.size, row.precision):
+            self.model = None  # free the previous model before building the next
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            self.model = build_bench_model(row.family, row.size, self.workdir, self.device, row.precision)
+            self.key = (row.family, row.size, row.precision)
+        return self.model
+
+
+def kohya_result(row: Row, ours: Result, workdir: Path, args: argparse.Namespace, model_factory) -> Result | None:
+    """kohya's numbers for a comparable row (None without --kohya-dir, or a status saying why not);
+    ``model_factory`` gives the row's model when its checkpoint is not written yet."""
     if not args.kohya_dir:
         return None
     kind = METHODS[row.method][3]
     why = kohya.not_comparable(row.family, row.size, kind, ours.status)
     if why:
         return Result(status=why)
-    if model is None:
-        model = build_bench_model(row.family, row.size, workdir, torch.device(args.device), row.precision)
     setup = kohya.KohyaSetup(Path(args.kohya_dir), args.kohya_python or sys.executable, workdir, args.device)
     run = kohya.KohyaRow(kind, row.family, row.side, row.batch, row.steps, row.checkpointing, row.optimizer)
-    measured = kohya.run_kohya(setup, run, ours.autocast, model)
-    return Result(status=measured.status, times=measured.times, memory_mib=measured.memory_mib)
+    measured = kohya.run_kohya(setup, run, effective_precision(row, torch.device(args.device)), model_factory)
+    return Result(measured.status, measured.times, measured.memory_mib, tqdm_ms=measured.tqdm_ms)
 
 
 def print_progress(row: Row, ours: Result, theirs: Result | None) -> None:
     """One line per finished row on stderr (full-size rows take minutes)."""
-    kohya_ms = f", kohya {fmt(theirs.ms)} ms" if theirs and theirs.status == "ok" else ""
-    print(f"[bench] {row.method} {row.family}-{row.size} b{row.batch}: {ours.status} {fmt(ours.ms)} ms{kohya_ms}",
-          file=sys.stderr)  # fmt: skip
+    line = f"[bench] {row.method} {row.family}-{row.size} b{row.batch} {row.optimizer}: {ours.status} {fmt(ours.ms)}"
+    kohya_part = f"; kohya {theirs.status} {fmt(theirs.ms)}" if theirs else ""
+    print(f"{line} ms{kohya_part}", file=sys.stderr)
 
 
 def fmt(value: float | None, digits: int = 1) -> str:
@@ -529,7 +541,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--batch", default="1", help="batch sizes, e.g. 1,4 (one row each)")
     parser.add_argument("--checkpointing", default="default", choices=["default", "on", "off", "both"])
     parser.add_argument("--optimizers", default="default", help=f"'default' or any of {', '.join(SPECS)}")
-    parser.add_argument("--precision", default="auto", help="train.mixed_precision: auto, bf16, fp16 or no")
+    parser.add_argument("--precision", default="auto", help="train.mixed_precision: auto, bf16, full_bf16, fp16 or no")
     parser.add_argument("--resolution", type=int, default=0, help="image side in px (default: the model's own)")
     parser.add_argument("--isolate", action="store_true", help="run every row in its own process")
     parser.add_argument("--webui-dir", default="", help="take ldm/sgm from this WebUI's repositories/")
