@@ -206,8 +206,10 @@ def model_parts(clip_skip: int | None = None) -> ModelParts:
         raise UnsupportedModelError("this is a Forge model; the trainer supports the AUTOMATIC1111 WebUI 1.7-1.10")
     if getattr(shared.cmd_opts, "lowvram", False) or getattr(shared.cmd_opts, "medvram", False):
         raise ConfigError(
-            "training does not work with --lowvram/--medvram (parts of the model stay on the CPU); "
-            "restart the WebUI without them to train"
+            "training does not work with --lowvram/--medvram (the WebUI moves the model's parts between CPU and GPU "
+            "in forward hooks, and a backward pass needs its weights where its forward used them); restart the WebUI "
+            "without them and lower memory with train.gradient_checkpointing, train.cache_text_encoder_outputs, "
+            "optimizer 'adafactor' and mixed precision 'full_bf16' (Check VRAM shows what fits)"
         )
     skip = clip_skip or webui_clip_skip()  # 0/None: the WebUI's setting
     info = getattr(model, "sd_checkpoint_info", None)
