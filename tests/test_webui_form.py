@@ -101,15 +101,22 @@ def test_tab_builds_with_gradio(sd1_model, tmp_path):
             paths = {row_path(f.path, i) for f in fields for i in range(CONCEPT_ROWS)}
             assert {f"trainer_{method}_" + p.replace(".", "_") for p in paths} <= ids
         assert {
+            "trainer_columns",
+            "trainer_settings",
+            "trainer_run",
             "trainer_train",
-            "trainer_train_lora",
-            "trainer_train_hypernetwork",
-            "trainer_train_dreambooth",
-            "trainer_train_embedding_finetune",
+            "trainer_memory",
             "trainer_interrupt",
             "trainer_save_now",
             "trainer_job_id",
             "trainer_live",
+            "trainer_jobs",
+            "trainer_job_action",
+            "trainer_preset",
+            "trainer_job_import",
+            "trainer_job_export",
+            "trainer_preview_from_txt2img",
+            "trainer_report",
         } <= ids
     finally:
         fake_webui.uninstall()

@@ -328,7 +328,8 @@ def test_without_api_only_the_routes_the_tab_polls_exist(webui):
     webui.shared.cmd_opts.api = False
     client = make_client(webui)
     paths = set(client.get("/openapi.json").json()["paths"])
-    assert paths == {"/trainer/v1/jobs/{job_id}", "/trainer/v1/jobs/{job_id}/previews/{index}"}
+    assert paths == {"/trainer/v1/jobs", "/trainer/v1/jobs/{job_id}", "/trainer/v1/jobs/{job_id}/previews/{index}"}
+    assert set(client.get("/openapi.json").json()["paths"]["/trainer/v1/jobs"]) == {"get"}  # the job panel's list
     assert client.post("/trainer/v1/jobs", json={}).status_code in (404, 405)
 
 

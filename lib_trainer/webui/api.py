@@ -6,7 +6,8 @@ is not a JSON object gets the same form, never a 500 or FastAPI's own list forma
 
 Which routes exist and who may call them is the host's rule (``host.route_access``): the job API only where
 the WebUI serves its own API, behind ``--api-auth``; the two routes the tab's page script polls (a job's
-status and its previews) always, behind the WebUI's login when it has one.
+status and its previews) and the job list the tab's job panel shows always, behind the WebUI's login when it
+has one.
 """
 
 from __future__ import annotations
@@ -111,9 +112,6 @@ def register_routes(app: FastAPI, manager: JobManager, actions: dict[str, Callab
     ):
         _body_route(app, f"{PREFIX}/{route}", json_schema(schema), lambda b, c=create: {"path": str(c(b))}, api)
 
-    def list_jobs():
-        return {"jobs": [job.summary() for job in manager.jobs.values()]}
-
     def cancel_job(job_id: str):
         _job_or_404(manager, job_id)
         return manager.cancel(job_id).summary()
@@ -123,7 +121,6 @@ def register_routes(app: FastAPI, manager: JobManager, actions: dict[str, Callab
         job.save_requested = True
         return {"id": job.id, "save_requested": True}
 
-    app.add_api_route(f"{PREFIX}/jobs", list_jobs, methods=["GET"], tags=TAGS, dependencies=api)
     app.add_api_route(f"{PREFIX}/jobs/{{job_id}}/cancel", cancel_job, methods=["POST"], tags=TAGS, dependencies=api)
     app.add_api_route(f"{PREFIX}/jobs/{{job_id}}/save", save_job_now, methods=["POST"], tags=TAGS, dependencies=api)
 
@@ -135,7 +132,11 @@ def submit_preprocess(manager: JobManager, body: dict) -> dict:
 
 
 def _add_status_routes(app: FastAPI, manager: JobManager, dependencies: list) -> None:
-    """The routes the tab's page script polls: a job's status and its preview images."""
+    """The routes the tab's page script polls: the job list (without loss histories), a job's status and its
+    preview images."""
+
+    def list_jobs():
+        return {"jobs": [job.summary(-1) for job in list(manager.jobs.values())]}
 
     def get_job(job_id: str, since: str = "0"):
         if not since.isdigit():
@@ -153,6 +154,7 @@ def _add_status_routes(app: FastAPI, manager: JobManager, dependencies: list) ->
             raise HTTPException(status_code=404, detail=f"preview {index} of job {job_id} is gone ({exc})") from exc
         return Response(content=content, media_type="image/png")
 
+    app.add_api_route(f"{PREFIX}/jobs", list_jobs, methods=["GET"], tags=TAGS, dependencies=dependencies)
     app.add_api_route(f"{PREFIX}/jobs/{{job_id}}", get_job, methods=["GET"], tags=TAGS, dependencies=dependencies)
     app.add_api_route(
         f"{PREFIX}/jobs/{{job_id}}/previews/{{index}}",

@@ -61,7 +61,18 @@ def dataset_report(settings: dict[str, Any]) -> dict[str, Any]:
     return report(config, host.token_counter())
 
 
-ACTIONS = {"embedding": create_embedding, "hypernetwork": create_hypernetwork, "report": dataset_report}
+def trainer_folder() -> Path:
+    """The trainer's own folder (run folders, presets, exported jobs)."""
+    return host.folders().logs
+
+
+ACTIONS = {
+    "embedding": create_embedding,
+    "hypernetwork": create_hypernetwork,
+    "report": dataset_report,
+    "open_folder": host.open_folder,
+    "logs": trainer_folder,
+}
 
 
 def on_ui_tabs():

@@ -58,9 +58,9 @@ DATA_FIELDS: tuple[FormField, ...] = (
     FormField("data.trigger_word", "Trigger word (prefixed to captions)", "text"),
     FormField("data.flip", "Also train on mirrored images", "checkbox"),
     FormField("data.buckets", "Aspect-ratio buckets (area = width x height)", "checkbox"),
-    FormField("data.bucket_min_side", "Bucket min side", "slider", 64, 4096, 64),
-    FormField("data.bucket_max_side", "Bucket max side", "slider", 64, 4096, 64),
-    FormField("data.bucket_step", "Bucket step", "slider", 64, 512, 64),
+    FormField("data.bucket_min_side", "Bucket min side", "int", 64, 4096, 64),
+    FormField("data.bucket_max_side", "Bucket max side", "int", 64, 4096, 64),
+    FormField("data.bucket_step", "Bucket step", "int", 64, 512, 64),
     FormField("data.bucket_no_upscale", "Never upscale small images", "checkbox"),
     FormField("data.alpha_mask", "Use transparency as a loss mask", "checkbox"),
     FormField("data.reg_dir", "Regularisation (class) images folder (optional)", "text"),
@@ -374,6 +374,39 @@ def _rows_to_lists(nested: dict[str, Any], fields: tuple[FormField, ...]) -> dic
             ordered = [rows[k] for k in sorted(rows, key=int)]
             nested[name] = [row for row in ordered if str(row.get(first) or "").strip()]
     return nested
+
+
+def to_form_values(config: dict[str, Any], method: str) -> dict[str, Any]:
+    """The control values showing a (partial) nested config of ``method``: ``{path: value}`` for every path it
+    sets that the form has; list settings fill the first CONCEPT_ROWS rows (and clear the rows after them)."""
+    fields = {f.path: f for f in FORMS[method][1]}
+    values: dict[str, Any] = {}
+
+    def walk(node: dict[str, Any], prefix: str) -> None:
+        for key, value in node.items():
+            path = prefix + str(key)
+            if isinstance(value, dict):
+                walk(value, path + ".")
+            elif isinstance(value, list | tuple) and any(p.startswith(path + ROW) for p in fields):
+                for index in range(CONCEPT_ROWS):
+                    row = value[index] if index < len(value) and isinstance(value[index], dict) else {}
+                    for field_path in (p for p in fields if p.startswith(path + ROW)):
+                        empty = "" if fields[field_path].kind == "text" else fields[field_path].default
+                        values[row_path(field_path, index)] = row.get(field_path.split(ROW, 1)[1], empty)
+            elif path in fields:
+                values[path] = _form_value(value, fields[path])
+
+    walk(config, "")
+    return {p: v for p, v in values.items() if v is not None}
+
+
+def _form_value(value: Any, field: FormField) -> Any:
+    """A config value as its control shows it (lists of numbers or words as text, as the user types them)."""
+    if field.kind == "text" and isinstance(value, list | tuple):
+        return ", ".join(str(v) for v in value)
+    if field.kind == "text" and value is not None and not isinstance(value, str):
+        return str(value)
+    return value
 
 
 def literal_choices(path: str, cls: Any = TextualInversionConfig) -> tuple[str, ...]:

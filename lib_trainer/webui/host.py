@@ -8,6 +8,7 @@ The host surface used here, kept honest by tests/test_webui_real.py against a re
     the FastAPI app given to on_app_started: gradio's App, whose ``auth`` is set under --gradio-auth and whose
         ``tokens`` maps the login cookie ("access-token...") to the user
     modules.paths_internal.data_path
+    modules.util.open_folder(path); cmd_opts.hide_ui_dir_config (no folder opening when set)
     modules.devices.autocast (replaced by a no-op inside training steps: the trainer's autocast decides)
     modules.call_queue.queue_lock
     modules.sd_hijack.model_hijack.embedding_db: load_textual_inversion_embeddings(force_reload),
@@ -437,6 +438,17 @@ def register_embedding(name: str, tensors: dict[str, Any]) -> None:
     embedding = host_ti.create_embedding_from_data(dict(tensors), name)
     sd_hijack.model_hijack.embedding_db.register_embedding_by_name(embedding, shared.sd_model, name)
     reset_conditioning_cache()
+
+
+def open_folder(path: Path) -> str:
+    """Open ``path`` in the file manager of the machine the WebUI runs on, as its own folder buttons do; refused
+    (with the reason) under --hide-ui-dir-config."""
+    if getattr(shared.cmd_opts, "hide_ui_dir_config", False):
+        return f"Opening folders is turned off in this WebUI (--hide-ui-dir-config); the folder is {path}"
+    from modules import util  # imported on use: older WebUIs keep open_folder elsewhere
+
+    util.open_folder(str(path))
+    return f"Opened {path}"
 
 
 def sampler_names() -> list[str]:

@@ -175,6 +175,8 @@ class Job:
     save_requested: bool = False
     preflight: bool = False  # a memory check: PREFLIGHT_STEPS real steps, nothing saved, logs in a temporary folder
     memory: dict[str, Any] | None = None  # the MemoryReport after the first steps (or the out-of-memory verdict)
+    output_dir: str = ""  # the folder the job's files go to (the job panel shows and opens it)
+    finished_at: float | None = None
 
     @property
     def finished(self) -> bool:
@@ -182,7 +184,7 @@ class Job:
         return self.state not in ("queued", "running")
 
     def summary(self, since: int = 0) -> dict[str, Any]:
-        """JSON view; ``since`` limits the loss history to steps after it."""
+        """JSON view; ``since`` limits the loss history to steps after it (negative: no history, as in job lists)."""
         return {
             "id": self.id,
             "method": self.method,
@@ -193,7 +195,7 @@ class Job:
             "learning_rate": self.learning_rate,
             "eta_s": self.eta_s,
             "steps_per_s": self.steps_per_s,
-            "history": [h for h in self.history if h["step"] > since],
+            "history": [h for h in self.history if h["step"] > since] if since >= 0 else [],
             "saved": list(self.saved),
             "error": self.error,
             "status": self.status,
@@ -205,6 +207,8 @@ class Job:
             "memory": self.memory,
             "config": to_dict(self.config),
             "preview": to_dict(self.preview) if self.preview is not None else None,
+            "output_dir": self.output_dir,
+            "finished_at": self.finished_at,
         }
 
 
@@ -304,6 +308,7 @@ class JobManager:
         with self._lock:
             job = Job(id=f"{int(time.time())}-{next(self._ids)}", method=method, config=parsed, preview=preview_config)
             job.preflight = bool(preflight)
+            job.output_dir = str(self.output_dir(job))
             self.jobs[job.id] = job
             self._forget_old_jobs()
             self.pending.put(job)
@@ -379,6 +384,13 @@ class JobManager:
         for job_id in finished[: max(0, len(finished) - MAX_FINISHED_JOBS)]:
             del self.jobs[job_id]
 
+    def output_dir(self, job: Job) -> Path:
+        """Where the job's main files go: the method's model folder, or a preparation's output folder."""
+        spec = METHODS[job.method]
+        if spec.paths is None:
+            return Path(job.config.output_dir)
+        return Path(dataclasses.astuple(spec.paths(self.host.folders()))[0])
+
     def get(self, job_id: str) -> Job | None:
         """The job with ``job_id``, if any."""
         return self.jobs.get(job_id)
@@ -413,7 +425,7 @@ class JobManager:
     def run(self, job: Job) -> None:
         """Run one job under the host's queue lock; record the outcome, never raise."""
         if job.cancel_requested:
-            job.state = "cancelled"
+            job.state, job.finished_at = "cancelled", time.time()
             return
         spec = METHODS[job.method]
         name = spec.name(job.config)
@@ -432,6 +444,7 @@ class JobManager:
                 job.state, job.error = "failed", f"{type(exc).__name__}: {exc}"
                 traceback.print_exc()
             finally:
+                job.finished_at = time.time()
                 getattr(self.host, spec.refresh)()
 
     def _execute(self, job: Job, spec: MethodSpec, hooks: JobHooks):

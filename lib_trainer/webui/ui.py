@@ -1,20 +1,37 @@
 """The Trainer tab (gradio 3.41 API, also run under Forge's gradio 4 shims). No torch math here.
 
-Each method's controls come from form.FORMS; its Train button submits a job to the JobManager the REST API
-uses. One run panel (interrupt, save now, progress, loss chart, previews) serves every method:
-javascript/trainer.js polls /trainer/v1/jobs/{id} for the job whose id sits in ``#trainer_job_id``.
+Two columns: settings on the left (presets, one tab per method with compact groups and folded "Advanced"
+sections, previews), the run on the right (one Train button for the selected method, progress, loss chart,
+previews, dataset report, the job list). Each method's controls come from form.FORMS; Train submits a job to the
+JobManager the REST API uses. javascript/trainer.js polls /trainer/v1/jobs (the job list, which survives a page
+reload) and /trainer/v1/jobs/{id} for the job whose id sits in ``#trainer_job_id``, and sets the tooltips.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import html
+import json
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import gradio as gr
 
 from lib_trainer.errors import TrainerError
+from lib_trainer.presets import (
+    PURPOSES,
+    builtin_preset,
+    complete_config,
+    import_job,
+    job_document,
+    load_user_preset,
+    save_job,
+    user_presets,
+)
+from lib_trainer.presets import (
+    job_name as presets_job_name,
+)
 from lib_trainer.webui.form import (
     CONCEPT_ROWS,
     FORMS,
@@ -24,8 +41,10 @@ from lib_trainer.webui.form import (
     row_path,
     size_defaults,
     to_config_dict,
+    to_form_values,
 )
-from lib_trainer.webui.jobs import JobManager
+from lib_trainer.webui.jobs import METHODS, JobManager
+from lib_trainer.webui.tips import ADVANCED, TIPS
 
 PREVIEW_DEFAULTS = {
     "prompt": "a photo of [name]",
@@ -37,6 +56,38 @@ PREVIEW_DEFAULTS = {
     "width": 512,
     "height": 512,
 }
+# method, tab title, Train button label, a note shown at the top of its tab
+METHOD_TABS = (
+    ("textual_inversion", "Embedding", "Train embedding", ""),
+    ("lora", "LoRA", "Train LoRA", ""),
+    (
+        "hypernetwork",
+        "Hypernetwork",
+        "Train hypernetwork",
+        "Hypernetworks need low learning rates: 1e-5 is a safe start; above 1e-4 runs often diverge.",
+    ),
+    (
+        "dreambooth",
+        "DreamBooth",
+        "Train DreamBooth",
+        "Full fine-tuning into a new checkpoint; the loaded model is put back exactly afterwards. "
+        "Learning rates around 1e-6 to 5e-6; one concept per row (empty rows are ignored).",
+    ),
+    (
+        "embedding_finetune",
+        "Embedding fine-tune",
+        "Train token rows",
+        "Changes the existing token rows of the text encoder (textual inversion adds new words instead). "
+        "The result is a small rows file in the trainer folder; optionally a checkpoint with them applied.",
+    ),
+    (
+        "preprocess",
+        "Dataset",
+        "Prepare folder",
+        "The same steps run per image in the Extras tab as *Trainer: crop* and *Trainer: caption*.",
+    ),
+)
+TRAIN_LABELS = {method: label for method, _, label, _ in METHOD_TABS}
 GROUPS = {
     "textual_inversion": {"Embedding": ("embedding.", "resume_from"), "Dataset": ("data.",), "Training": ("train.",)},
     "lora": {
@@ -55,12 +106,19 @@ GROUPS = {
     "embedding_finetune": {"Token rows": ("finetune.",), "Dataset": ("data.",), "Training": ("train.",)},
     "preprocess": {"Prepare a training folder": ("",)},
 }
+FAMILIES = {512: "sd1", 768: "sd2", 1024: "sdxl"}
+SAVED = "saved: "  # prefix of the user's own presets in the preset list
+WIDE = ("name", "_dir", "dir", "prompt", "init_text", "template", "optimizer_args", "structure", "sizes", "tokens")
+
+
+def elem_id_of(method: str, path: str) -> str:
+    """The elem_id of a field's control."""
+    return f"trainer_{method}_" + path.replace(".", "_")
 
 
 def build_component(field: FormField, value: Any, method: str) -> gr.components.Component:
-    """A gradio component for one form field, elem_id ``trainer_<method>_<path>``."""
-    elem_id = f"trainer_{method}_" + field.path.replace(".", "_")
-    common = {"label": field.label, "elem_id": elem_id}
+    """A gradio component for one form field, elem_id ``trainer_<method>_<path>``; single-line text boxes."""
+    common = {"label": field.label, "elem_id": elem_id_of(method, field.path)}
     if field.info:
         common["info"] = field.info
     if field.kind == "checkbox":
@@ -73,81 +131,109 @@ def build_component(field: FormField, value: Any, method: str) -> gr.components.
         return gr.Dropdown(choices=list(field.choices), value=value, allow_custom_value=True, **common)
     if field.kind == "radio":
         return gr.Radio(choices=list(field.choices), value=value, **common)
-    return gr.Textbox(value=value, lines=1, **common)
+    return gr.Textbox(value=value, lines=1, max_lines=1, **common)
+
+
+def tips_for_tab() -> dict[str, str]:
+    """Tooltip text per control elem_id (every field of every method, the preview settings)."""
+    tips = {}
+    for method, (_, fields) in FORMS.items():
+        for field in fields:
+            tip = TIPS.get(field.path, field.info)
+            if ROW in field.path:
+                tips.update({elem_id_of(method, row_path(field.path, i)): tip for i in range(CONCEPT_ROWS)})
+            else:
+                tips[elem_id_of(method, field.path)] = tip
+    tips.update({f"trainer_preview_{k}": TIPS[f"preview.{k}"] for k in PREVIEW_DEFAULTS})
+    return tips
+
+
+@dataclasses.dataclass
+class _Forms:
+    """Every method's controls, flattened for one gradio event (gradio passes values positionally)."""
+
+    forms: dict[str, dict[str, gr.components.Component]]
+    preview: dict[str, gr.components.Component]
+
+    @property
+    def controls(self) -> list:
+        return [c for m in self.forms.values() for c in m.values()] + list(self.preview.values())
+
+    def split(self, method: str, values: tuple) -> tuple[dict[str, Any], dict[str, Any]]:
+        """``method``'s own ``{path: value}`` and the preview settings, out of all the controls' values."""
+        offset, own = 0, {}
+        for name, components in self.forms.items():
+            if name == method:
+                own = dict(zip(components, values[offset : offset + len(components)], strict=True))
+            offset += len(components)
+        return own, dict(zip(self.preview, values[offset:], strict=True))
+
+    def job(self, method: str, values: tuple) -> dict[str, Any]:
+        own, preview = self.split(method, values)
+        config = to_config_dict(own, FORMS[method][1])
+        return job_document(method, config, preview if METHODS[method].module is not None else None)
+
+    def updates(self, method: str, values: dict[str, Any], preview: dict[str, Any] | None = None) -> list:
+        """gr.update per control: ``values`` into ``method``'s controls, ``preview`` into the preview's."""
+        out = []
+        for name, components in self.forms.items():
+            out += [gr.update(value=values[p]) if name == method and p in values else gr.update() for p in components]
+        preview = preview or {}
+        return out + [gr.update(value=preview[k]) if k in preview else gr.update() for k in self.preview]
 
 
 def create_tab(
     manager: JobManager,
-    actions: dict[str, Callable[[dict], Any]],
+    actions: dict[str, Callable[..., Any]],
     model_label: Callable[[], str],
     samplers: list[str],
     model_side: Callable[[], int] = lambda: 512,
 ) -> gr.Blocks:
-    """Build the Trainer tab's Blocks. ``actions``: "embedding"/"hypernetwork" create files, "report" checks data;
-    ``model_side``: the loaded model's training side, which the size controls start at."""
+    """Build the Trainer tab's Blocks. ``actions``: "embedding"/"hypernetwork" create files, "report" checks data,
+    "open_folder" opens a folder on the WebUI's machine, "logs" is the trainer's folder (presets, exported jobs);
+    ``model_side``: the loaded model's training side, which the size controls and presets start at."""
     with gr.Blocks(analytics_enabled=False) as tab, gr.Column(elem_id="trainer_root"):
         model_info = gr.Markdown(elem_id="trainer_model_info")
         job_id = gr.Textbox(visible=False, elem_id="trainer_job_id")
-        status = gr.HTML(elem_id="trainer_status")
-        forms, checks, memory_checks = {}, {}, {}
-        with gr.Tabs(elem_id="trainer_tabs"):
-            with gr.Tab("Embedding", elem_id="trainer_tab_embedding"):
-                forms["textual_inversion"] = _method_controls("textual_inversion")
-                checks["textual_inversion"] = gr.Button("Check dataset", elem_id="trainer_textual_inversion_check")
-                create_btn = gr.Button("Create embedding", elem_id="trainer_create")
-                train_ti = gr.Button("Train embedding", variant="primary", elem_id="trainer_train")
-                memory_checks["textual_inversion"] = _memory_button("textual_inversion")
-            with gr.Tab("LoRA", elem_id="trainer_tab_lora"):
-                forms["lora"] = _method_controls("lora")
-                checks["lora"] = gr.Button("Check dataset", elem_id="trainer_lora_check")
-                train_lora = gr.Button("Train LoRA", variant="primary", elem_id="trainer_train_lora")
-                memory_checks["lora"] = _memory_button("lora")
-            with gr.Tab("Hypernetwork", elem_id="trainer_tab_hypernetwork"):
-                forms["hypernetwork"] = _method_controls("hypernetwork")
-                checks["hypernetwork"] = gr.Button("Check dataset", elem_id="trainer_hypernetwork_check")
-                gr.Markdown(
-                    "Hypernetworks need low learning rates: 1e-5 is a safe start; above 1e-4 runs often diverge."
+        selected = gr.State("textual_inversion")
+        tips = html.escape(json.dumps(tips_for_tab()), quote=False)
+        gr.HTML(f'<script type="application/json" id="trainer_tips_data">{tips}</script>', elem_id="trainer_tips")
+        forms, tabs, buttons = {}, {}, {}
+        with gr.Row(elem_id="trainer_columns", equal_height=False):
+            with gr.Column(scale=3, min_width=480, elem_id="trainer_settings"):
+                presets = _preset_controls(actions)
+                with gr.Tabs(elem_id="trainer_tabs") as method_tabs:
+                    for method, title, _, note in METHOD_TABS:
+                        with gr.Tab(title, id=method, elem_id=f"trainer_tab_{method}") as tabs[method]:
+                            if note:
+                                gr.Markdown(note)
+                            forms[method] = _method_controls(method, samplers)
+                            buttons[method] = _method_buttons(method)
+                preview = _preview_controls(samplers)
+            with gr.Column(scale=2, min_width=360, elem_id="trainer_run"):
+                with gr.Row(elem_id="trainer_run_buttons"):
+                    train = gr.Button(TRAIN_LABELS["textual_inversion"], variant="primary", elem_id="trainer_train")
+                    memory = gr.Button("Check VRAM (2 steps)", elem_id="trainer_memory")
+                    interrupt = gr.Button("Interrupt", elem_id="trainer_interrupt")
+                    save_now = gr.Button("Save now", elem_id="trainer_save_now")
+                status = gr.HTML(elem_id="trainer_status")
+                gr.HTML(
+                    '<div id="trainer_progress"></div>'
+                    '<canvas id="trainer_loss_chart" width="640" height="220"></canvas>'
+                    '<div id="trainer_previews"></div>',
+                    elem_id="trainer_live",
                 )
-                create_hn = gr.Button("Create hypernetwork", elem_id="trainer_create_hypernetwork")
-                train_hn = gr.Button("Train hypernetwork", variant="primary", elem_id="trainer_train_hypernetwork")
-                memory_checks["hypernetwork"] = _memory_button("hypernetwork")
-            with gr.Tab("DreamBooth", elem_id="trainer_tab_dreambooth"):
-                gr.Markdown(
-                    "Full fine-tuning into a new checkpoint; the loaded model is put back exactly afterwards. "
-                    "Learning rates around 1e-6 to 5e-6; one concept per row (empty rows are ignored)."
-                )
-                forms["dreambooth"] = _method_controls("dreambooth", samplers)
-                train_db = gr.Button("Train DreamBooth", variant="primary", elem_id="trainer_train_dreambooth")
-                memory_checks["dreambooth"] = _memory_button("dreambooth")
-            with gr.Tab("Embedding fine-tune", elem_id="trainer_tab_embedding_finetune"):
-                gr.Markdown(
-                    "Changes the existing token rows of the text encoder (textual inversion adds new words instead). "
-                    "The result is a small rows file in the trainer folder; optionally a checkpoint with them applied."
-                )
-                forms["embedding_finetune"] = _method_controls("embedding_finetune")
-                checks["embedding_finetune"] = gr.Button("Check dataset", elem_id="trainer_embedding_finetune_check")
-                train_rows = gr.Button(
-                    "Train token rows", variant="primary", elem_id="trainer_train_embedding_finetune"
-                )
-                memory_checks["embedding_finetune"] = _memory_button("embedding_finetune")
-            with gr.Tab("Dataset", elem_id="trainer_tab_dataset"):
-                prepare = _method_controls("preprocess")
-                run_prepare = gr.Button("Prepare folder", variant="primary", elem_id="trainer_run_preprocess")
-                gr.Markdown("The same steps run per image in the Extras tab as *Trainer: crop* and *Trainer: caption*.")
-        preview = _preview_controls(samplers)
-        _run_panel(manager, job_id, status)
-        _wire_train(manager, train_ti, "textual_inversion", forms["textual_inversion"], preview, job_id, status)
-        _wire_train(manager, train_lora, "lora", forms["lora"], preview, job_id, status)
-        _wire_train(manager, train_hn, "hypernetwork", forms["hypernetwork"], preview, job_id, status)
-        _wire_train(manager, train_db, "dreambooth", forms["dreambooth"], preview, job_id, status)
-        _wire_train(manager, train_rows, "embedding_finetune", forms["embedding_finetune"], preview, job_id, status)
-        _wire_train(manager, run_prepare, "preprocess", prepare, {}, job_id, status)
-        _wire_create(actions["embedding"], create_btn, forms["textual_inversion"], status, "embedding")
-        _wire_create(actions["hypernetwork"], create_hn, forms["hypernetwork"], status, "hypernetwork")
-        for method, button in checks.items():
-            _wire_report(actions["report"], button, forms[method], status)
-        for method, button in memory_checks.items():
-            _wire_train(manager, button, method, forms[method], preview, job_id, status, preflight=True)
+                report = gr.HTML(elem_id="trainer_report")
+                _job_panel(manager, actions, status)
+        every = _Forms(forms, preview)
+        for method, tab_block in tabs.items():
+            tab_block.select(fn=lambda m=method: (m, gr.update(value=TRAIN_LABELS[m])), outputs=[selected, train])
+        _wire_train(manager, train, every, selected, job_id, status)
+        _wire_train(manager, memory, every, selected, job_id, status, preflight=True)
+        _wire_run_buttons(manager, interrupt, save_now, job_id, status)
+        _wire_presets(actions, presets, every, selected, method_tabs, train, status, model_side)
+        for method, components in forms.items():
+            _wire_method_buttons(method, actions, components, buttons[method], status, report)
         sized = [(f"preview.{k}", c) for k, c in preview.items() if k in ("width", "height")]
         size_paths = set(size_defaults(1024))
         sized += [(p, c) for components in forms.values() for p, c in components.items() if p in size_paths]
@@ -172,6 +258,7 @@ def _on_load(model_label: Callable[[], str], model_side: Callable[[], int], size
 
 
 def _method_controls(method: str, samplers: list[str] = ()) -> dict[str, gr.components.Component]:
+    """A method's controls in its groups: compact rows of short fields, advanced ones folded away."""
     defaults = default_values(method)
     fields = [_with_samplers(f, samplers) for f in FORMS[method][1]]
     components: dict[str, gr.components.Component] = {}
@@ -179,8 +266,8 @@ def _method_controls(method: str, samplers: list[str] = ()) -> dict[str, gr.comp
         elem = "".join(c if c.isalnum() else "_" for c in title.lower().split(" (")[0])
         with gr.Accordion(title, open=title != "Training", elem_id=f"trainer_{method}_acc_{elem}"):
             chosen = [f for f in fields if f.path.startswith(prefixes) and f.path not in components]
-            for field in (f for f in chosen if ROW not in f.path):
-                components[field.path] = build_component(field, defaults[field.path], method)
+            plain = [f for f in chosen if ROW not in f.path]
+            _field_rows([f for f in plain if f.path not in ADVANCED], defaults, method, components)
             rows = [f for f in chosen if ROW in f.path]
             for index in range(CONCEPT_ROWS if rows else 0):
                 with gr.Row(elem_id=f"trainer_{method}_row_{index}"):
@@ -189,7 +276,30 @@ def _method_controls(method: str, samplers: list[str] = ()) -> dict[str, gr.comp
                         label = f"{index + 1}. {field.label}"
                         cell = dataclasses.replace(field, path=path, label=label)
                         components[path] = build_component(cell, defaults[field.path], method)
+            advanced = [f for f in plain if f.path in ADVANCED]
+            if advanced:
+                with gr.Accordion("Advanced", open=False, elem_id=f"trainer_{method}_adv_{elem}"):
+                    _field_rows(advanced, defaults, method, components)
     return components
+
+
+def _field_rows(fields: list[FormField], defaults: dict, method: str, components: dict) -> None:
+    """Fields in rows: wide text fields alone, sliders/checkboxes/radios two to a row, small numbers three."""
+
+    def width(field: FormField) -> int:
+        if field.kind == "text" and field.path.rsplit(".", 1)[-1].endswith(WIDE):
+            return 1
+        return 2 if field.kind in ("slider", "checkbox", "radio") else 3
+
+    pending: list[FormField] = []
+    for field in [*fields, None]:
+        if pending and (field is None or width(field) != width(pending[0]) or len(pending) == width(pending[0])):
+            with gr.Row():
+                for f in pending:
+                    components[f.path] = build_component(f, defaults[f.path], method)
+            pending = []
+        if field is not None:
+            pending.append(field)
 
 
 def _with_samplers(field: FormField, samplers: list[str]) -> FormField:
@@ -202,39 +312,214 @@ def _with_samplers(field: FormField, samplers: list[str]) -> FormField:
 def _preview_controls(samplers: list[str]) -> dict[str, gr.components.Component]:
     d = PREVIEW_DEFAULTS
     with gr.Accordion("Previews (rendered by txt2img)", open=False, elem_id="trainer_acc_previews"):
-        return {
+        controls = {
             "prompt": gr.Textbox(
-                label="Prompt ([name] = the embedding/LoRA name)", value=d["prompt"], elem_id="trainer_preview_prompt"
+                label="Prompt ([name] = the embedding/LoRA name)",
+                value=d["prompt"],
+                lines=2,
+                elem_id="trainer_preview_prompt",
             ),
-            "negative_prompt": gr.Textbox(label="Negative prompt", value="", elem_id="trainer_preview_negative"),
-            "steps": gr.Slider(
-                1, 150, value=d["steps"], step=1, label="Sampling steps", elem_id="trainer_preview_steps"
+            "negative_prompt": gr.Textbox(
+                label="Negative prompt", value="", lines=1, elem_id="trainer_preview_negative"
             ),
-            "sampler": gr.Dropdown(
+        }
+        with gr.Row():
+            controls["sampler"] = gr.Dropdown(
                 choices=samplers,
                 value=d["sampler"] if d["sampler"] in samplers else samplers[0],
                 label="Sampler",
                 elem_id="trainer_preview_sampler",
-            ),
-            "cfg_scale": gr.Slider(
-                1.0, 30.0, value=d["cfg_scale"], step=0.5, label="CFG scale", elem_id="trainer_preview_cfg"
-            ),
-            "seed": gr.Number(value=d["seed"], precision=0, label="Seed", elem_id="trainer_preview_seed"),
-            "width": gr.Slider(64, 2048, value=d["width"], step=64, label="Width", elem_id="trainer_preview_width"),
-            "height": gr.Slider(64, 2048, value=d["height"], step=64, label="Height", elem_id="trainer_preview_height"),
-        }
-
-
-def _run_panel(manager: JobManager, job_id, status) -> None:
-    with gr.Row():
-        interrupt_btn = gr.Button("Interrupt", elem_id="trainer_interrupt")
-        save_btn = gr.Button("Save now", elem_id="trainer_save_now")
-    gr.HTML(
-        '<div id="trainer_progress"></div><canvas id="trainer_loss_chart" width="640" height="200"></canvas>'
-        '<div id="trainer_previews"></div>',
-        elem_id="trainer_live",
+            )
+            controls["steps"] = gr.Number(
+                value=d["steps"], precision=0, label="Sampling steps", elem_id="trainer_preview_steps"
+            )
+            controls["cfg_scale"] = gr.Number(value=d["cfg_scale"], label="CFG scale", elem_id="trainer_preview_cfg")
+        with gr.Row():
+            controls["width"] = gr.Number(value=d["width"], precision=0, label="Width", elem_id="trainer_preview_width")
+            controls["height"] = gr.Number(
+                value=d["height"], precision=0, label="Height", elem_id="trainer_preview_height"
+            )
+            controls["seed"] = gr.Number(value=d["seed"], precision=0, label="Seed", elem_id="trainer_preview_seed")
+        use = gr.Button("Use txt2img settings", elem_id="trainer_preview_from_txt2img")
+    keys = list(controls)
+    # the page script reads the txt2img tab's current values (falling back to ours); this keeps them sane
+    use.click(
+        fn=lambda *values: _txt2img_settings(dict(zip(keys, values, strict=True)), samplers),
+        inputs=list(controls.values()),
+        outputs=list(controls.values()),
+        _js="trainerTxt2imgSettings",
     )
+    return {k: controls[k] for k in PREVIEW_DEFAULTS}
 
+
+def _txt2img_settings(values: dict[str, Any], samplers: list[str]) -> list:
+    """The preview controls' updates from txt2img's values (as read by the page), unknown samplers left out."""
+    out = []
+    for key in ("prompt", "negative_prompt", "sampler", "steps", "cfg_scale", "width", "height", "seed"):
+        value = values[key]
+        if key == "sampler" and value not in samplers:
+            out.append(gr.update())
+            continue
+        if key in ("steps", "width", "height", "seed"):
+            try:
+                value = int(float(value))
+            except (TypeError, ValueError):
+                out.append(gr.update())
+                continue
+        out.append(gr.update(value=value))
+    return out
+
+
+def _preset_controls(actions: dict[str, Callable[..., Any]]) -> dict[str, gr.components.Component]:
+    """Presets (built-in and saved), and export / import of a job's JSON."""
+    with gr.Accordion("Presets and job files", open=True, elem_id="trainer_acc_presets"):
+        with gr.Row():
+            presets = {
+                "preset": gr.Dropdown(
+                    choices=_preset_choices(actions), value=PURPOSES[0], label="Preset", elem_id="trainer_preset"
+                ),
+                "apply": gr.Button("Apply preset", elem_id="trainer_preset_apply"),
+                "name": gr.Textbox(label="Name for saving", lines=1, max_lines=1, elem_id="trainer_preset_name"),
+                "save": gr.Button("Save as preset", elem_id="trainer_preset_save"),
+            }
+        with gr.Accordion("Export / import a job", open=False, elem_id="trainer_acc_job_file"):
+            presets["job"] = gr.Textbox(
+                label="Job JSON, or the path of a .json job or a trained .safetensors file (LoRA, embedding)",
+                lines=3,
+                elem_id="trainer_job_file",
+            )
+            with gr.Row():
+                presets["export"] = gr.Button("Export job", elem_id="trainer_job_export")
+                presets["import"] = gr.Button("Import job", elem_id="trainer_job_import")
+    return presets
+
+
+def _preset_choices(actions: dict[str, Callable[..., Any]]) -> list[str]:
+    saved = user_presets(_presets_dir(actions)) if "logs" in actions else []
+    return [*PURPOSES, *(SAVED + name for name in saved)]
+
+
+def _presets_dir(actions: dict[str, Callable[..., Any]]) -> Path:
+    return Path(actions["logs"]()) / "presets"
+
+
+def _wire_presets(actions, presets, every: _Forms, selected, method_tabs, train, status, model_side) -> None:
+    """Apply / save presets; export the form as a job file; import one into the form."""
+    controls = every.controls
+
+    def apply(method, name, *values):
+        try:
+            if name.startswith(SAVED):
+                job = load_user_preset(_presets_dir(actions), name[len(SAVED) :])
+                if job["method"] != method:
+                    return _imported(job, every)
+                config, preview = job["config"], job.get("preview")
+            else:
+                config, preview = builtin_preset(method, name, FAMILIES.get(_side(model_side), "sd1")), None
+            complete_config(METHODS[method].config, method, config)  # a preset that is wrong is never shown
+        except TrainerError as exc:
+            raise gr.Error(str(exc)) from exc
+        values = to_form_values(config, method)  # only what the preset sets: names and folders stay
+        return [method, gr.update(), gr.update(), *every.updates(method, values, preview), f"Preset {name} applied."]
+
+    def save(method, name, *values):
+        try:
+            path = save_job(_presets_dir(actions), (name or "").strip(), every.job(method, values), field="preset name")
+        except TrainerError as exc:
+            raise gr.Error(str(exc)) from exc
+        choices = _preset_choices(actions)
+        return gr.update(choices=choices, value=SAVED + path.stem), f"Saved preset {html.escape(str(path))}."
+
+    def export(method, name, *values):
+        job = every.job(method, values)
+        text = json.dumps(job, indent=2, sort_keys=True)
+        job_name = (name or "").strip() or presets_job_name(method, job["config"])
+        try:
+            path = save_job(Path(actions["logs"]()) / "jobs", job_name, job, field="preset name")
+        except TrainerError as exc:
+            raise gr.Error(str(exc)) from exc
+        return text, f"Exported the job to {html.escape(str(path))} (POST it to /trainer/v1/jobs to run it)."
+
+    def load(source):
+        try:
+            job = import_job(source)
+        except TrainerError as exc:
+            raise gr.Error(str(exc)) from exc
+        return _imported(job, every)
+
+    outputs = [selected, method_tabs, train, *controls, status]
+    presets["apply"].click(fn=apply, inputs=[selected, presets["preset"], *controls], outputs=outputs)
+    presets["save"].click(fn=save, inputs=[selected, presets["name"], *controls], outputs=[presets["preset"], status])
+    presets["export"].click(fn=export, inputs=[selected, presets["name"], *controls], outputs=[presets["job"], status])
+    presets["import"].click(fn=load, inputs=[presets["job"]], outputs=outputs)
+
+
+def _imported(job: dict[str, Any], every: _Forms) -> list:
+    """Updates that show an imported job: its method's tab selected, its settings in the form."""
+    method = job["method"]
+    try:
+        config = complete_config(METHODS[method].config, method, job["config"])
+    except TrainerError as exc:
+        raise gr.Error(str(exc)) from exc
+    preview = job.get("preview") if isinstance(job.get("preview"), dict) else None
+    return [
+        method,
+        gr.update(selected=method),
+        gr.update(value=TRAIN_LABELS[method]),
+        *every.updates(method, to_form_values(config, method), preview),
+        f"Imported a {html.escape(method)} job; check the folders and names, then train.",
+    ]
+
+
+def _side(model_side: Callable[[], int]) -> int:
+    try:
+        return int(model_side())
+    except Exception:  # no model loaded yet
+        return 512
+
+
+def _method_buttons(method: str) -> dict[str, Any]:
+    """The buttons of a method's own tab: check its dataset, create an empty file."""
+    buttons = {}
+    with gr.Row():
+        if any(f.path == "data.data_dir" for f in FORMS[method][1]):
+            buttons["report"] = gr.Button("Check dataset", elem_id=f"trainer_{method}_check")
+        if method in ("textual_inversion", "hypernetwork"):
+            what = "embedding" if method == "textual_inversion" else "hypernetwork"
+            buttons[what] = gr.Button(f"Create {what}", elem_id=f"trainer_{method}_create")
+    return buttons
+
+
+def _wire_method_buttons(method, actions, components, buttons, status, report) -> None:
+    for action, button in buttons.items():
+        if action == "report":
+            _wire_report(actions["report"], button, components, report)
+        else:
+            _wire_create(actions[action], button, components, status, action)
+
+
+def _job_panel(manager: JobManager, actions: dict[str, Callable[..., Any]], status) -> None:
+    """The job list (drawn by the page script from GET /trainer/v1/jobs) and the action its buttons send."""
+    gr.HTML('<div id="trainer_jobs_list"></div>', elem_id="trainer_jobs")
+    action = gr.Textbox(visible=False, elem_id="trainer_job_action")
+    run_action = gr.Button(visible=False, elem_id="trainer_job_action_button")
+
+    def act(text: str) -> str:
+        verb, _, job_id = (text or "").partition(":")
+        job = manager.get(job_id)
+        if job is None:
+            return f"Job {html.escape(job_id)} is no longer known."
+        if verb == "cancel":
+            manager.cancel(job_id)
+            return f"Cancel requested for job {html.escape(job_id)}."
+        if verb == "open" and "open_folder" in actions:
+            return html.escape(actions["open_folder"](Path(job.output_dir)))
+        return f"Unknown job action {html.escape(verb)!r}."
+
+    run_action.click(fn=act, inputs=[action], outputs=[status])
+
+
+def _wire_run_buttons(manager: JobManager, interrupt_btn, save_btn, job_id, status) -> None:
     def interrupt(current):
         return f"Interrupt requested for job {current}." if current and manager.cancel(current) else "No job running."
 
@@ -248,29 +533,18 @@ def _run_panel(manager: JobManager, job_id, status) -> None:
     save_btn.click(fn=save_now, inputs=[job_id], outputs=[status])
 
 
-def _memory_button(method: str):
-    """The button that checks a run's memory before it starts (2 real steps, nothing saved)."""
-    return gr.Button("Check VRAM (2 steps)", elem_id=f"trainer_{method}_memory")
+def _wire_train(manager: JobManager, button, every: _Forms, selected, job_id, status, preflight: bool = False) -> None:
+    """``button`` submits the selected method's form as a job (``preflight``: a memory check of it)."""
 
-
-def _wire_train(
-    manager: JobManager, button, method: str, components, preview, job_id, status, preflight: bool = False
-) -> None:
-    """``button`` submits the method's form as a job (``preflight``: a memory check of it)."""
-    paths, controls = list(components), list(components.values())
-    preview_keys, preview_controls = list(preview), list(preview.values())
-    fields = FORMS[method][1]
-
-    def train(*values):
-        config = to_config_dict(dict(zip(paths, values[: len(paths)], strict=True)), fields)
-        settings = dict(zip(preview_keys, values[len(paths) :], strict=True))
+    def train(method, *values):
+        job = every.job(method, values)
         try:
-            job = manager.submit(method, config, settings, preflight)
+            submitted = manager.submit(method, job["config"], job.get("preview"), preflight)
         except TrainerError as exc:
             raise gr.Error(str(exc)) from exc
-        return job.id, f"{'Memory check' if preflight else 'Job'} {job.id} queued."
+        return submitted.id, f"{'Memory check' if preflight else 'Job'} {submitted.id} queued."
 
-    button.click(fn=train, inputs=controls + preview_controls, outputs=[job_id, status])
+    button.click(fn=train, inputs=[selected, *every.controls], outputs=[job_id, status])
 
 
 def _wire_create(create_fn, button, components, status, section: str) -> None:
@@ -283,12 +557,12 @@ def _wire_create(create_fn, button, components, status, section: str) -> None:
             path = create_fn(config[section])
         except TrainerError as exc:
             raise gr.Error(str(exc)) from exc
-        return f"Created {path}."
+        return f"Created {html.escape(str(path))}."
 
     button.click(fn=create, inputs=controls, outputs=[status])
 
 
-def _wire_report(report_fn, button, components, status) -> None:
+def _wire_report(report_fn, button, components, out) -> None:
     data_paths = [p for p in components if p.startswith("data.")]
 
     def check(*values):
@@ -302,38 +576,71 @@ def _wire_report(report_fn, button, components, status) -> None:
             raise gr.Error(str(exc)) from exc
         return format_report(report)
 
-    button.click(fn=check, inputs=[components[p] for p in data_paths], outputs=[status])
+    button.click(fn=check, inputs=[components[p] for p in data_paths], outputs=[out])
 
 
-def format_report(report: dict[str, Any]) -> str:
-    """The dataset report as a short HTML summary for the status area."""
-    tags = {}
+REPORT_PROBLEMS = (
+    ("missing_captions", "No caption"),
+    ("too_small", "Smaller than their bucket (upscaled)"),
+    ("over_length_captions", "Captions over 75 tokens (cut off)"),
+    ("unreadable", "Unreadable files"),
+)
+
+
+def format_report(report: dict[str, Any], top_tags: int = 20) -> str:
+    """The dataset report as readable HTML: counts, folders, a bucket bar chart, the tag table, the problems."""
+    e = html.escape
+    tags: dict[str, int] = {}
     for folder_tags in report["tag_frequency"].values():
         for tag, count in folder_tags.items():
             tags[tag] = tags.get(tag, 0) + count
-    top = ", ".join(f"{html.escape(t)} ({n})" for t, n in sorted(tags.items(), key=lambda kv: -kv[1])[:15])
-    folders = ", ".join(
-        f"{html.escape(name)}: {s['img_count']} x{s['n_repeats']}" for name, s in report["folders"].items()
-    )
-    buckets = ", ".join(f"{size}: {n}" for size, n in report["buckets"].items())
-    lines = [
-        f"<b>{report['images']} images</b> ({report['images_with_repeats']} with repeats) - {folders}",
-        f"Buckets: {buckets or '-'}",
-        f"Top tags: {top or '-'}",
+    problems = sum(len(report[key]) for key, _ in REPORT_PROBLEMS)
+    parts = [
+        "<div class='trainer-report'>",
+        f"<div class='trainer-report-counts'><b>{report['images']}</b> images, "
+        f"<b>{report['images_with_repeats']}</b> per epoch with repeats, "
+        f"<b>{len(report['buckets'])}</b> bucket(s), <b>{len(tags)}</b> distinct tags, "
+        f"<b class='{'trainer-bad' if problems else 'trainer-good'}'>{problems}</b> problem(s)</div>",
+        "<table class='trainer-report-table'><tr><th>Folder</th><th>Images</th><th>Repeats</th></tr>",
+        *(
+            f"<tr><td>{e(name)}</td><td>{s['img_count']}</td><td>x{s['n_repeats']}</td></tr>"
+            for name, s in report["folders"].items()
+        ),
+        "</table>",
     ]
-    for key, label in (
-        ("missing_captions", "No caption"),
-        ("too_small", "Smaller than their bucket"),
-        ("over_length_captions", "Captions over 75 tokens"),
-        ("unreadable", "Unreadable"),
-    ):
+    if report["buckets"]:
+        most = max(report["buckets"].values()) or 1
+        parts.append("<div class='trainer-report-title'>Buckets (width x height: images)</div>")
+        parts.append("<div class='trainer-buckets'>")
+        for size, count in sorted(report["buckets"].items(), key=lambda kv: -kv[1]):
+            parts.append(
+                f"<div class='trainer-bucket'><span class='trainer-bucket-label'>{e(str(size))}</span>"
+                f"<span class='trainer-bucket-bar' style='width:{max(2, round(100 * count / most))}%'></span>"
+                f"<span class='trainer-bucket-count'>{count}</span></div>"
+            )
+        parts.append("</div>")
+    if tags:
+        shown = sorted(tags.items(), key=lambda kv: (-kv[1], kv[0]))[:top_tags]
+        parts.append(
+            f"<div class='trainer-report-title'>Most frequent tags ({len(shown)} of {len(tags)})</div>"
+            "<table class='trainer-report-table trainer-tags'><tr><th>Tag</th><th>Images</th></tr>"
+        )
+        parts += [f"<tr><td>{e(tag)}</td><td>{count}</td></tr>" for tag, count in shown]
+        parts.append("</table>")
+    for key, label in REPORT_PROBLEMS:
         items = report[key]
         if items:
-            shown = ", ".join(
-                html.escape(
-                    i if isinstance(i, str) else f"{i['file']} ({i.get('reason') or i.get('tokens') or i.get('size')})"
-                )
-                for i in items[:10]
-            )
-            lines.append(f"{label} ({len(items)}): {shown}")
-    return "<div class='trainer-report'>" + "<br>".join(lines) + "</div>"
+            parts.append(f"<div class='trainer-report-title trainer-bad'>{e(label)} ({len(items)})</div><ul>")
+            for item in items[:20]:
+                if isinstance(item, str):
+                    parts.append(f"<li>{e(item)}</li>")
+                else:
+                    why = item.get("reason") or item.get("tokens") or item.get("size")
+                    parts.append(f"<li>{e(str(item['file']))} ({e(str(why))})</li>")
+            if len(items) > 20:
+                parts.append(f"<li>... and {len(items) - 20} more</li>")
+            parts.append("</ul>")
+    if not problems:
+        parts.append("<div class='trainer-good'>No problems found.</div>")
+    parts.append("</div>")
+    return "".join(parts)

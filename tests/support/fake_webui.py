@@ -32,6 +32,7 @@ MODULE_NAMES = (
     "modules.ui_components",
     "modules.deepbooru",
     "modules.devices",
+    "modules.util",
 )
 
 
@@ -256,8 +257,11 @@ def install(model: Any, root: Path) -> types.SimpleNamespace:
         api=True,
         nowebui=False,
         api_auth=None,
+        hide_ui_dir_config=False,
     )
     shared.rendered = []
+    shared.opened = []
+    mods["modules.util"].open_folder = shared.opened.append
     shared.reload_hypernetworks = lambda: None
     mods["modules.paths_internal"].data_path = str(root)
     mods["modules.paths_internal"].models_path = str(root / "models")
