@@ -215,6 +215,10 @@
                 buttons += '<button class="trainer-job-cancel" onclick="trainerJobAction(\'cancel\', \'' + id + '\')">' +
                     trainerT(job.state === "queued" ? "Cancel" : "Interrupt") + "</button>";
             }
+            if (job.state === "done" && (job.method === "lora" || job.method === "textual_inversion") && !job.preflight) {
+                buttons += '<button class="trainer-job-grid" title="' + trainerT("Render the saved steps as a grid") +
+                    '" onclick="trainerJobAction(\'grid\', \'' + id + '\')">' + trainerT("Test it") + "</button>";
+            }
             if (job.output_dir) {
                 buttons += '<button class="trainer-job-open" title="' + trainerEscape(job.output_dir) +
                     '" onclick="trainerJobAction(\'open\', \'' + id + '\')">' + trainerT("Open folder") + "</button>";

@@ -71,7 +71,22 @@ def valid_request(method: str, webui) -> dict[str, Any]:
         return {"dreambooth": {"name": "zqbad"}, "concepts": [concept], "data": {"width": 64, "height": 64}}
     if method == "embedding_finetune":
         return {"finetune": {"name": "zqbad", "tokens": "red"}, "data": data, "train": train}
+    if method == "test_grid":
+        return {"job": finished_ti_job(webui), "strengths": "1"}
     return {"input_dir": str(webui.data), "output_dir": str(webui.root / "prepared")}
+
+
+def finished_ti_job(webui) -> str:
+    """A finished embedding job with one saved step, as the grid tests need (recorded, not trained)."""
+    from lib_trainer.webui.jobs import Job
+
+    saved = webui.root / "zqbad-2.safetensors"
+    saved.write_bytes(b"")
+    config = METHODS["textual_inversion"].config.from_dict(valid_request("textual_inversion", webui))
+    job = Job(id="finished-1", method="textual_inversion", config=config, state="done")
+    job.saved.append({"path": str(saved), "step": 2})
+    webui.manager.jobs[job.id] = job
+    return job.id
 
 
 def with_value(request: dict[str, Any], path: str, value: Any) -> dict[str, Any]:

@@ -83,6 +83,7 @@ def test_a_textual_inversion_run_clicked_through_the_tab(browser, webui):
         page.wait_for_function("() => document.querySelector('#trainer_textual_inversion_train_steps').title")
         fill(page, "trainer_textual_inversion_train_steps", 40)
         fill(page, "trainer_textual_inversion_train_preview_every", 20)
+        fill(page, "trainer_textual_inversion_train_save_every", 20)
         fill(page, "trainer_textual_inversion_data_width", 64)
         fill(page, "trainer_textual_inversion_data_height", 64)
         page.locator("#trainer_acc_previews").click()
@@ -109,12 +110,23 @@ def test_a_textual_inversion_run_clicked_through_the_tab(browser, webui):
         assert "zqbrowser" not in errors
         shot(page, "trainer-done", 1600)
         shot(page, "trainer-done", 700)
+        # "Test it" from the job panel: the grid job is shown next, its picture in the gallery
+        page.locator("#trainer_jobs_list .trainer-job-grid").first.click()
+        page.wait_for_function(
+            "() => (document.querySelector('#trainer_progress') || {}).textContent.includes('step 4/4')",
+            timeout=60_000,
+        )
+        page.wait_for_selector("#trainer_previews figure img", timeout=30_000)
+        grid = page.locator("#trainer_previews figure img").first
+        page.wait_for_function("() => document.querySelector('#trainer_previews figure img').naturalWidth > 128")
+        assert grid.evaluate("img => img.naturalHeight") > 128  # 2 rows of 64 px and the labels
+        shot(page, "trainer-grid", 1600)
         # a new page knows the job from the server and shows it again
         fresh = browser.new_page(viewport={"width": 700, "height": 1100})
         fresh.goto(server.url)
         fresh.wait_for_selector("#trainer_jobs_list .trainer-state-done", timeout=60_000)
-        fresh.wait_for_function(
-            "() => (document.querySelector('#trainer_progress') || {}).textContent.includes('step 40/40')",
+        fresh.wait_for_function(  # the newest job: the grid
+            "() => (document.querySelector('#trainer_progress') || {}).textContent.includes('step 4/4')",
             timeout=30_000,
         )
         settings, run = (fresh.locator(f"#{i}").bounding_box() for i in ("trainer_settings", "trainer_run"))

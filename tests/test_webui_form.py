@@ -84,7 +84,15 @@ def test_dreambooth_form_rows_become_the_concept_list(tmp_path):
 def test_api_schema_offers_every_method():
     from lib_trainer.webui.api import JOB_SCHEMA
 
-    methods = ["textual_inversion", "lora", "hypernetwork", "dreambooth", "embedding_finetune", "preprocess"]
+    methods = [
+        "textual_inversion",
+        "lora",
+        "hypernetwork",
+        "dreambooth",
+        "embedding_finetune",
+        "preprocess",
+        "test_grid",
+    ]
     assert JOB_SCHEMA["properties"]["method"]["enum"] == methods
     assert len(JOB_SCHEMA["properties"]["config"]["oneOf"]) == len(methods)
 

@@ -314,15 +314,23 @@ def test_tab_trains_the_selected_method_and_the_job_panel_acts(tab, webui):
     job = webui.manager.wait(job_id)
     assert job.state == "done", job.error
     act, act_out, _ = handler(tab, "trainer_job_action_button")
-    assert act_out == ["trainer_status"]
-    assert act(f"open:{job_id}").startswith("Opened")
+    assert act_out == ["trainer_status", "trainer_job_id"]
+    message, grid_id = act(f"grid:{job_id}")  # "Test it" in the job panel: the grid job is shown next
+    assert "Test grid" in message
+    assert webui.manager.wait(grid_id).state == "done"
+    render, render_out, _ = handler(tab, "trainer_test_grid")
+    assert render_out == ["trainer_job_id", "trainer_status"]
+    again, _ = render(grid_id, "1", 2)  # from a shown grid: a grid of its source job
+    assert webui.manager.get(again).config.job == job_id
+    webui.manager.wait(again)
+    assert act(f"open:{job_id}")[0].startswith("Opened")
     assert webui.shared.opened == [str(webui.root / "embeddings")]
     webui.shared.cmd_opts.hide_ui_dir_config = True
-    assert "turned off" in act(f"open:{job_id}")
+    assert "turned off" in act(f"open:{job_id}")[0]
     assert len(webui.shared.opened) == 1
-    assert "no longer known" in act("cancel:nope")
+    assert "no longer known" in act("cancel:nope")[0]
     queued = webui.manager.submit("textual_inversion", ti_request(webui.data, name="zqlater", steps=50))
-    assert "Cancel requested" in act(f"cancel:{queued.id}")
+    assert "Cancel requested" in act(f"cancel:{queued.id}")[0]
     assert webui.manager.wait(queued.id).state in ("cancelled", "interrupted")
 
 

@@ -30,6 +30,7 @@ from lib_trainer.data.preprocess import PreprocessConfig, check_input_folder, pr
 from lib_trainer.data.templates import builtin_templates
 from lib_trainer.errors import ConfigError, OutOfMemoryError, TrainerError
 from lib_trainer.formats.files import check_allowed, write_atomic
+from lib_trainer.grid import TestGridConfig
 from lib_trainer.loop.hooks import Progress, TrainingHooks
 from lib_trainer.loop.memory import PREFLIGHT_STEPS
 from lib_trainer.methods import dreambooth as db
@@ -38,6 +39,7 @@ from lib_trainer.methods import lora
 from lib_trainer.methods import textual_inversion as ti
 from lib_trainer.methods import token_finetune as rows
 from lib_trainer.webui.form import size_defaults
+from lib_trainer.webui.grid_job import prepare_grid, run_grid
 
 MAX_FINISHED_JOBS = 50  # finished jobs kept in memory (their files and previews stay on disk)
 WORKER_IDLE_S = 5.0
@@ -98,6 +100,7 @@ class MethodSpec:
     train: Callable[..., Any] | None = None
     after: Callable[[Job, ModuleType], None] | None = None  # checks of what was written
     run: Callable[[Job, ModuleType, TrainingHooks], Any] | None = None
+    prepare: Callable[[Any, Any], Any] | None = None  # (config, manager) -> the job's plan, checked at submit
 
 
 METHODS: dict[str, MethodSpec] = {
@@ -146,6 +149,9 @@ METHODS: dict[str, MethodSpec] = {
     "preprocess": MethodSpec(
         PreprocessConfig, lambda c: Path(c.output_dir).name, "reset_conditioning_cache", run=_run_preprocess
     ),
+    "test_grid": MethodSpec(
+        TestGridConfig, lambda c: f"grid of job {c.job}", "reset_conditioning_cache", run=run_grid, prepare=prepare_grid
+    ),
 }
 
 
@@ -176,6 +182,7 @@ class Job:
     preflight: bool = False  # a memory check: PREFLIGHT_STEPS real steps, nothing saved, logs in a temporary folder
     memory: dict[str, Any] | None = None  # the MemoryReport after the first steps (or the out-of-memory verdict)
     output_dir: str = ""  # the folder the job's files go to (the job panel shows and opens it)
+    plan: Any = None  # what a job that is not a training run will do (a test grid's rows), fixed at submit
     finished_at: float | None = None
 
     @property
@@ -308,6 +315,7 @@ class JobManager:
         with self._lock:
             job = Job(id=f"{int(time.time())}-{next(self._ids)}", method=method, config=parsed, preview=preview_config)
             job.preflight = bool(preflight)
+            job.plan = METHODS[method].prepare(parsed, self) if METHODS[method].prepare else None
             job.output_dir = str(self.output_dir(job))
             self.jobs[job.id] = job
             self._forget_old_jobs()
@@ -340,6 +348,8 @@ class JobManager:
         if spec.module is not None:
             parts = self.host.model_parts(parsed.train.clip_skip)
             spec.module.check(parsed, parts, spec.paths(self.host.folders()))
+        elif spec.prepare is not None:
+            spec.prepare(parsed, self)
         else:
             check_input_folder(parsed)
         return parsed, preview_config
@@ -387,6 +397,8 @@ class JobManager:
     def output_dir(self, job: Job) -> Path:
         """Where the job's main files go: the method's model folder, or a preparation's output folder."""
         spec = METHODS[job.method]
+        if job.plan is not None and hasattr(job.plan, "out_dir"):
+            return Path(job.plan.out_dir)
         if spec.paths is None:
             return Path(job.config.output_dir)
         return Path(dataclasses.astuple(spec.paths(self.host.folders()))[0])

@@ -224,7 +224,8 @@ def create_tab(
                     elem_id="trainer_live",
                 )
                 report = gr.HTML(elem_id="trainer_report")
-                _job_panel(manager, actions, status)
+                _test_grid_controls(manager, job_id, status)
+                _job_panel(manager, actions, job_id, status)
         every = _Forms(forms, preview)
         for method, tab_block in tabs.items():
             tab_block.select(fn=lambda m=method: (m, gr.update(value=TRAIN_LABELS[m])), outputs=[selected, train])
@@ -498,25 +499,63 @@ def _wire_method_buttons(method, actions, components, buttons, status, report) -
             _wire_create(actions[action], button, components, status, action)
 
 
-def _job_panel(manager: JobManager, actions: dict[str, Callable[..., Any]], status) -> None:
+def _test_grid_controls(manager: JobManager, job_id, status) -> None:
+    """ "Test it": the shown run's saved steps x strengths as one grid rendered by txt2img."""
+    with gr.Accordion("Test it: saved steps x strength grid", open=False, elem_id="trainer_acc_test_grid"):
+        with gr.Row():
+            strengths = gr.Textbox(
+                value="0.5, 0.75, 1.0",
+                label="LoRA weights (columns; an embedding is shown without / with)",
+                lines=1,
+                max_lines=1,
+                elem_id="trainer_grid_strengths",
+            )
+            rows = gr.Number(value=6, precision=0, label="Saved steps (rows, at most)", elem_id="trainer_grid_rows")
+        button = gr.Button("Render test grid", elem_id="trainer_test_grid")
+
+    def render(current, weights, count):
+        try:
+            grid = submit_grid(manager, current, {"strengths": weights, "rows": int(count or 6)})
+        except TrainerError as exc:
+            raise gr.Error(str(exc)) from exc
+        return grid.id, f"Test grid {grid.id} queued for job {html.escape(grid.config.job)}."
+
+    button.click(fn=render, inputs=[job_id, strengths, rows], outputs=[job_id, status])
+
+
+def submit_grid(manager: JobManager, current: str, settings: dict[str, Any]):
+    """Queue a test grid of the job shown (of its source when that is itself a grid)."""
+    job = manager.get(current) if current else None
+    if job is not None and job.method == "test_grid":
+        current = job.config.job
+    return manager.submit("test_grid", {"job": current or "", **settings})
+
+
+def _job_panel(manager: JobManager, actions: dict[str, Callable[..., Any]], job_id, status) -> None:
     """The job list (drawn by the page script from GET /trainer/v1/jobs) and the action its buttons send."""
     gr.HTML('<div id="trainer_jobs_list"></div>', elem_id="trainer_jobs")
     action = gr.Textbox(visible=False, elem_id="trainer_job_action")
     run_action = gr.Button(visible=False, elem_id="trainer_job_action_button")
 
-    def act(text: str) -> str:
-        verb, _, job_id = (text or "").partition(":")
-        job = manager.get(job_id)
+    def act(text: str):
+        verb, _, target = (text or "").partition(":")
+        job = manager.get(target)
         if job is None:
-            return f"Job {html.escape(job_id)} is no longer known."
+            return f"Job {html.escape(target)} is no longer known.", gr.update()
         if verb == "cancel":
-            manager.cancel(job_id)
-            return f"Cancel requested for job {html.escape(job_id)}."
+            manager.cancel(target)
+            return f"Cancel requested for job {html.escape(target)}.", gr.update()
         if verb == "open" and "open_folder" in actions:
-            return html.escape(actions["open_folder"](Path(job.output_dir)))
-        return f"Unknown job action {html.escape(verb)!r}."
+            return html.escape(actions["open_folder"](Path(job.output_dir))), gr.update()
+        if verb == "grid":
+            try:
+                grid = submit_grid(manager, target, {})
+            except TrainerError as exc:
+                return html.escape(str(exc)), gr.update()
+            return f"Test grid {grid.id} queued for job {html.escape(target)}.", grid.id
+        return f"Unknown job action {html.escape(verb)!r}.", gr.update()
 
-    run_action.click(fn=act, inputs=[action], outputs=[status])
+    run_action.click(fn=act, inputs=[action], outputs=[status, job_id])
 
 
 def _wire_run_buttons(manager: JobManager, interrupt_btn, save_btn, job_id, status) -> None:
