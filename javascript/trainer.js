@@ -129,12 +129,14 @@
         if (gallery && job.previews.length > trainerState.previews) {
             for (var i = trainerState.previews; i < job.previews.length; i++) {
                 var figure = document.createElement("figure");
+                if (job.method === "test_grid") figure.className = "trainer-grid-figure";
                 var img = document.createElement("img");
                 img.src = "./trainer/v1/jobs/" + encodeURIComponent(job.id) + "/previews/" + job.previews[i].index;
                 img.alt = trainerT("step") + " " + job.previews[i].step;
                 img.onclick = function() { window.open(this.src, "_blank"); };
                 var caption = document.createElement("figcaption");
-                caption.textContent = trainerT("step") + " " + job.previews[i].step;
+                caption.textContent = job.method === "test_grid" ? trainerT("test grid: saved steps x strength") :
+                    trainerT("step") + " " + job.previews[i].step;
                 figure.appendChild(img);
                 figure.appendChild(caption);
                 gallery.insertBefore(figure, gallery.firstChild);  // newest first

@@ -82,16 +82,18 @@ def compose_grid(cells: list[list[Image.Image]], row_labels: list[str], column_l
     pad = 6
     left = max(_text_size(font, t)[0] for t in row_labels) + 2 * pad
     top = max(_text_size(font, t)[1] for t in column_labels) + 2 * pad
-    grid = Image.new("RGB", (left + width * len(cells[0]), top + height * len(cells)), "white")
+    column = max(width, *(_text_size(font, t)[0] + 2 * pad for t in column_labels))  # labels never cut off
+    grid = Image.new("RGB", (left + column * len(cells[0]), top + height * len(cells)), "white")
     draw = ImageDraw.Draw(grid)
     for c, label in enumerate(column_labels):
         text_w, _ = _text_size(font, label)
-        draw.text((left + c * width + (width - text_w) // 2, pad), label, fill="black", font=font)
+        draw.text((left + c * column + (column - text_w) // 2, pad), label, fill="black", font=font)
     for r, (label, row) in enumerate(zip(row_labels, cells, strict=True)):
         _, text_h = _text_size(font, label)
         draw.text((pad, top + r * height + (height - text_h) // 2), label, fill="black", font=font)
         for c, image in enumerate(row):
-            grid.paste(image.convert("RGB").resize((width, height)), (left + c * width, top + r * height))
+            x = left + c * column + (column - width) // 2
+            grid.paste(image.convert("RGB").resize((width, height)), (x, top + r * height))
     return grid
 
 

@@ -33,13 +33,16 @@ def test_config_needs_a_job_and_bounded_rows():
 
 
 def test_grid_picture_has_labels_and_every_cell():
-    cells = [[Image.new("RGB", (32, 24), c) for c in ("red", "blue")] for _ in range(3)]
+    cells = [[Image.new("RGB", (96, 24), c) for c in ("red", "blue")] for _ in range(3)]
     grid = compose_grid(cells, ["step 1", "step 2", "step 3"], ["weight 0.5", "weight 1"])
-    left, top = grid.width - 64, grid.height - 72
+    left, top = grid.width - 192, grid.height - 72
     assert left > 0
     assert top > 0
     assert grid.getpixel((left + 5, top + 5)) == (255, 0, 0)
-    assert grid.getpixel((left + 37, grid.height - 3)) == (0, 0, 255)
+    assert grid.getpixel((left + 101, grid.height - 3)) == (0, 0, 255)
+    small = [[Image.new("RGB", (8, 8), "red")] * 2]
+    labels = ["a long column label", "another long label"]
+    assert compose_grid(small, ["step 1"], labels).width > 2 * 100  # narrow cells: columns as wide as labels
 
 
 def test_embedding_grid_renders_each_step_with_and_without_the_word(webui):
