@@ -340,13 +340,15 @@ def test_api_auth_guards_the_api_like_the_webuis_own(webui):
     client = make_client(webui)
     body = {"method": "textual_inversion", "config": ti_request(webui.data, steps=1)}
     assert client.post("/trainer/v1/jobs", json=body).status_code == 401
-    assert client.get("/trainer/v1/jobs").status_code == 401
+    assert client.get("/trainer/v1/jobs").status_code == 200  # the job panel's list: the tab's rules, as below
     assert client.post("/trainer/v1/jobs", json=body, auth=("alice", "wrong")).status_code == 401
     reply = client.post("/trainer/v1/jobs", json=body, auth=("alice", "secret"))
     assert reply.status_code == 200
     webui.manager.wait(reply.json()["id"])
     token = base64.b64encode(b"bob:pw:with:colons").decode()
-    assert client.get("/trainer/v1/jobs", headers={"Authorization": f"Basic {token}"}).status_code == 200
+    cancel = f"/trainer/v1/jobs/{reply.json()['id']}/cancel"
+    assert client.post(cancel).status_code == 401
+    assert client.post(cancel, headers={"Authorization": f"Basic {token}"}).status_code == 200
     assert client.get(f"/trainer/v1/jobs/{reply.json()['id']}").status_code == 200  # the tab's poll: UI rules
 
 
@@ -359,6 +361,8 @@ def test_the_tabs_polls_need_the_webui_login_when_it_has_one(webui):
     assert client.get(f"/trainer/v1/jobs/{job.id}", cookies={"access-token": "forged"}).status_code == 401
     assert client.get(f"/trainer/v1/jobs/{job.id}", cookies={"access-token-unsecure": "tok123"}).status_code == 200
     assert client.get(f"/trainer/v1/jobs/{job.id}", cookies={"access-token-abc123": "tok123"}).status_code == 200
+    assert client.get("/trainer/v1/jobs").status_code == 401  # the job list too
+    assert client.get("/trainer/v1/jobs", cookies={"access-token-unsecure": "tok123"}).status_code == 200
 
 
 def test_api_unknown_job_and_create_embedding(client, webui):
@@ -499,8 +503,8 @@ def test_report_summary_html(webui):
     from lib_trainer.webui.ui import format_report
 
     html_text = format_report(dataset_report(DataConfig(data_dir=str(webui.data), width=64, height=64)))
-    assert "<b>4 images</b>" in html_text
-    assert "red (4)" in html_text
+    assert "<b>4</b> images" in html_text
+    assert "<tr><td>red</td><td>4</td></tr>" in html_text
 
 
 @pytest.fixture
