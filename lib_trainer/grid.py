@@ -62,8 +62,12 @@ def parse_strengths(text: str) -> list[float]:
 
 
 def pick_rows(saved: list[tuple[int, Any]], rows: int) -> list[tuple[int, Any]]:
-    """At most ``rows`` of the saved (step, file) pairs, evenly spread, always with the last step."""
-    ordered = sorted(dict(saved).items())
+    """At most ``rows`` of the saved (step, file) pairs, evenly spread, always with the last step; of several files
+    saved at one step the first (a run's numbered copy, written before its main file)."""
+    first: dict[int, Any] = {}
+    for step, item in saved:
+        first.setdefault(step, item)
+    ordered = sorted(first.items())
     if len(ordered) <= rows:
         return ordered
     if rows == 1:
@@ -78,7 +82,7 @@ def compose_grid(cells: list[list[Image.Image]], row_labels: list[str], column_l
     if not cells or not cells[0]:
         raise ConfigError("a grid needs at least one image")
     width, height = cells[0][0].size
-    font = ImageFont.load_default()
+    font = _font(max(12, width // 24))
     pad = 6
     left = max(_text_size(font, t)[0] for t in row_labels) + 2 * pad
     top = max(_text_size(font, t)[1] for t in column_labels) + 2 * pad
@@ -95,6 +99,14 @@ def compose_grid(cells: list[list[Image.Image]], row_labels: list[str], column_l
             x = left + c * column + (column - width) // 2
             grid.paste(image.convert("RGB").resize((width, height)), (x, top + r * height))
     return grid
+
+
+def _font(size: int) -> Any:
+    """PIL's bundled font at ``size`` px (Pillow >= 10.1), else its fixed small one (the WebUI pins Pillow 9.5)."""
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:
+        return ImageFont.load_default()
 
 
 def _text_size(font: Any, text: str) -> tuple[int, int]:

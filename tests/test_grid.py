@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 from PIL import Image
 
 from lib_trainer.errors import ConfigError
@@ -15,7 +16,7 @@ def test_rows_are_spread_over_the_saved_steps_and_keep_the_last():
     assert [s for s, _ in pick_rows(saved, 4)] == [100, 400, 700, 1000]
     assert [s for s, _ in pick_rows(saved, 1)] == [1000]
     assert pick_rows(saved[:3], 6) == saved[:3]
-    assert pick_rows([(2, "a"), (2, "b")], 3) == [(2, "b")]  # one row per step
+    assert pick_rows([(2, "a"), (2, "b")], 3) == [(2, "a")]  # one row per step: its first file
 
 
 @pytest.mark.parametrize("text", ["", "a", "1, 2, 3, 4, 5, 6, 7, 8, 9", "5", "-4.5"])
@@ -61,6 +62,8 @@ def test_embedding_grid_renders_each_step_with_and_without_the_word(webui):
         "a photo of zqtoken__trainer_grid_000004, best",
     ]
     assert {"zqtoken__trainer_grid_000002", "zqtoken__trainer_grid_000004"} <= set(webui.db.registered)
+    two, four = (webui.db.registered[f"zqtoken__trainer_grid_00000{s}"] for s in (2, 4))
+    assert not torch.equal(two.vec, four.vec)  # each row its own step's vectors
     assert len(webui.db.reloads) > reloads  # the folder reloaded afterwards: the temporary words are gone
     (path,) = [s["path"] for s in grid.saved]
     image = Image.open(path)
@@ -80,7 +83,10 @@ def test_lora_grid_uses_temporary_copies_and_removes_them(webui, monkeypatch):
 
     def recording(settings):
         seen.append(sorted(p.name for p in lora_dir.iterdir()))
+        copies.update({p.name: p.read_bytes() for p in lora_dir.glob("*__trainer_grid_*")})
         return render(settings)
+
+    copies = {}
 
     monkeypatch.setattr(webui.host, "render_txt2img", recording)
     webui.shared.rendered.clear()
@@ -96,6 +102,11 @@ def test_lora_grid_uses_temporary_copies_and_removes_them(webui, monkeypatch):
         "zqlora__trainer_grid_000004.safetensors",
     ]
     assert sorted(p.name for p in lora_dir.iterdir()) == seen[0][:2]  # copies and stale ones gone
+    run_dir = webui.root / "trainer" / "lora" / "zqlora" / "lora"
+    for step in (2, 4):  # each row is its own step's file, not the main file (which holds the last step)
+        numbered = (run_dir / f"zqlora-{step:06d}.safetensors").read_bytes()
+        assert copies[f"zqlora__trainer_grid_{step:06d}.safetensors"] == numbered
+    assert copies["zqlora__trainer_grid_000002.safetensors"] != copies["zqlora__trainer_grid_000004.safetensors"]
 
 
 @pytest.mark.parametrize(

@@ -55,6 +55,9 @@ def prepare_grid(config: TestGridConfig, manager: Any) -> GridPlan:
     if source.state not in USABLE_STATES or source.preflight:
         raise ConfigError(f"job {config.job!r} is {source.state}; test it once it has finished", field="job")
     saved = [(int(s["step"]), str(s["path"])) for s in source.saved if s.get("step") and Path(s["path"]).is_file()]
+    # the main file is rewritten at every save and holds only the last step: the numbered copies hold each step
+    paths = [path for _, path in saved]
+    saved = [(step, path) for step, path in saved if paths.count(path) == 1] or saved[-1:]
     if not saved:
         raise ConfigError(f"job {config.job!r} has no saved file left to test", field="job")
     from lib_trainer.webui.jobs import METHODS  # the method table (imported here: it imports this module)
