@@ -276,12 +276,15 @@
             var input = root ? root.querySelector(selector || "textarea, input") : null;
             return input && input.value !== "" ? input.value : fallback;
         };
-        var number = "input[type=number], input";
+        var number = function(id, fallback) {  // gradio's Number takes numbers, not the box's text
+            var parsed = parseFloat(value(id, fallback, "input[type=number], input"));
+            return isFinite(parsed) ? parsed : fallback;
+        };
         return [
             value("txt2img_prompt", prompt), value("txt2img_neg_prompt", negative),
-            value("txt2img_sampling", sampler, "input"), value("txt2img_steps", steps, number),
-            value("txt2img_cfg_scale", cfg, number), value("txt2img_width", width, number),
-            value("txt2img_height", height, number), value("txt2img_seed", seed, number),
+            value("txt2img_sampling", sampler, "input"), number("txt2img_steps", steps),
+            number("txt2img_cfg_scale", cfg), number("txt2img_width", width),
+            number("txt2img_height", height), number("txt2img_seed", seed),
         ];
     };
 

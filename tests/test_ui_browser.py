@@ -37,6 +37,18 @@ FLAGS = [
     "--disable-sync",
 ]
 SHOTS = os.environ.get("TRAINER_UI_SCREENSHOTS")
+# the txt2img controls "Use txt2img settings" reads, as the WebUI 1.10 names them
+TXT2IMG_BOXES = """() => {
+    const add = (id, html) => { const d = document.createElement('div'); d.id = id; d.innerHTML = html;
+                                document.body.appendChild(d); };
+    add('txt2img_prompt', '<textarea>a photo of [name], watercolor</textarea>');
+    add('txt2img_neg_prompt', '<textarea>blurry</textarea>');
+    add('txt2img_sampling', '<input value="Euler a">');
+    for (const [id, v] of [['txt2img_steps', 2], ['txt2img_cfg_scale', 6.5], ['txt2img_width', 64],
+                           ['txt2img_height', 64], ['txt2img_seed', 7]]) {
+        add(id, '<input type="number" value="' + v + '">');
+    }
+}"""
 
 
 @pytest.fixture
@@ -87,9 +99,12 @@ def test_a_textual_inversion_run_clicked_through_the_tab(browser, webui):
         fill(page, "trainer_textual_inversion_data_width", 64)
         fill(page, "trainer_textual_inversion_data_height", 64)
         page.locator("#trainer_acc_previews").click()
-        fill(page, "trainer_preview_steps", 2)
-        fill(page, "trainer_preview_width", 64)
-        fill(page, "trainer_preview_height", 64)
+        # "Use txt2img settings" reads the txt2img tab's boxes (stand-ins with the WebUI's element ids here)
+        page.evaluate(TXT2IMG_BOXES)
+        page.locator("#trainer_preview_from_txt2img").click()
+        page.wait_for_function("() => document.querySelector('#trainer_preview_steps input').value === '2'")
+        assert page.locator("#trainer_preview_prompt textarea").input_value() == "a photo of [name], watercolor"
+        assert page.locator("#trainer_preview_width input").input_value() == "64"
         page.locator("#trainer_train").click()
         page.wait_for_selector("#trainer_previews figure img", timeout=120_000)
         shot(page, "trainer-running", 1600)
