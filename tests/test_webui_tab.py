@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import sys
 
 import pytest
 
@@ -329,6 +330,9 @@ def test_tab_trains_the_selected_method_and_the_job_panel_acts(tab, webui):
     assert "turned off" in act(f"open:{job_id}")[0]
     assert len(webui.shared.opened) == 1
     assert "no longer known" in act("cancel:nope")[0]
+    webui.shared.cmd_opts.hide_ui_dir_config = False
+    del sys.modules["modules.util"].open_folder  # a WebUI before 1.8
+    assert "cannot open folders" in act(f"open:{job_id}")[0]
     queued = webui.manager.submit("textual_inversion", ti_request(webui.data, name="zqlater", steps=50))
     assert "Cancel requested" in act(f"cancel:{queued.id}")[0]
     assert webui.manager.wait(queued.id).state in ("cancelled", "interrupted")

@@ -445,8 +445,10 @@ def open_folder(path: Path) -> str:
     (with the reason) under --hide-ui-dir-config."""
     if getattr(shared.cmd_opts, "hide_ui_dir_config", False):
         return f"Opening folders is turned off in this WebUI (--hide-ui-dir-config); the folder is {path}"
-    from modules import util  # imported on use: older WebUIs keep open_folder elsewhere
+    from modules import util  # imported on use: WebUIs before 1.8 have no util.open_folder
 
+    if not callable(getattr(util, "open_folder", None)):
+        return f"This WebUI cannot open folders from an extension; the folder is {path}"
     util.open_folder(str(path))
     return f"Opened {path}"
 
