@@ -166,7 +166,7 @@ def write_dataset(folder: Path, side: int, count: int, repeats: int) -> Path:
 
 def write_tokenizer_cache(folder: Path) -> Path:
     """kohya's ``--tokenizer_cache_dir`` with CLIP-L's and bigG's tokenizers (the same BPE vocabulary), offline."""
-    from tests.support.tokenizer import write_clip_tokenizer
+    from lib_trainer.models.clip_files import write_clip_tokenizer
 
     for hub_id in TOKENIZERS:
         target = folder / hub_id.replace("/", "_")

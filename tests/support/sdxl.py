@@ -21,9 +21,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from lib_trainer.models.clip_files import write_clip_tokenizer
 from tests.support.models import _save_clip, _vae_config, register_openclip, reinit_zero_weights
 from tests.support.stack import prepare_stack
-from tests.support.tokenizer import write_clip_tokenizer
 
 SIZE_KEYS = ("original_size_as_tuple", "crop_coords_top_left", "target_size_as_tuple")
 TINY_TEXT = {"clip_l": {"width": 32, "layers": 3, "heads": 4}, "clip_g": {"width": 48, "layers": 3, "heads": 4}}

@@ -1,4 +1,4 @@
-"""Write CLIP tokenizer files (vocab.json, merges.txt) from open_clip's bundled BPE vocabulary.
+"""CLIP tokenizer files (vocab.json, merges.txt) written from open_clip's bundled BPE vocabulary.
 
 Offline stand-in for openai/clip-vit-large-patch14's tokenizer: the same 49,408-token vocabulary,
 so ids match the real tokenizer ("a photo of a cat" -> 49406, 320, 1125, 539, 320, 2368, 49407).
