@@ -21,6 +21,7 @@ import torch
 from lib_trainer.config import TrainConfig
 from lib_trainer.errors import ConfigError, OutOfMemoryError, TrainerError, TrainingError
 from lib_trainer.formats.files import write_bytes_atomic
+from lib_trainer.loop import distributed
 from lib_trainer.loop.checkpoint import ResumeState
 from lib_trainer.loop.hooks import Progress, TrainingHooks
 from lib_trainer.loop.memory import PREFLIGHT_STEPS, MemoryProbe, memory_advice
@@ -57,7 +58,8 @@ class Trainable(Protocol):
 
 
 class Objective(Protocol):
-    """Per-sample loss ``[B]`` for latents and conditioning (the denoising loss, or a test's own)."""
+    """Per-sample loss ``[B]`` for latents and conditioning (the denoising loss, or a test's own). With several
+    ranks it is also given ``rows=(start, total)``: the latents are those rows of a batch of ``total``."""
 
     def loss(
         self, parts: ModelParts, latents: torch.Tensor, cond: torch.Tensor, generator: torch.Generator
@@ -233,6 +235,7 @@ def train(
     run.masters = masters
     with _exact(run):
         _restore(run, trainable.resume)
+        distributed.broadcast_parameters(trainable.parameters())
     run.mode.train()
     schedule = LearningRate(
         config.learning_rate,
@@ -275,7 +278,7 @@ def train(
                 if done == PREFLIGHT_STEPS or (done < PREFLIGHT_STEPS and run.step == config.steps):
                     hooks.on_memory(probe.report(done, config))
                 _save_and_preview(run, hooks)
-                if hooks.should_stop():
+                if distributed.any_rank(hooks.should_stop(), parts.device):
                     stopped = True
                     break
         except (Exception, KeyboardInterrupt) as exc:
@@ -296,6 +299,7 @@ def _optimizer_step(run: _Run, objective: Objective, rate: float, scaler) -> tup
         group["lr"] = 0.0 if stopped else rate * spec.get("lr_scale", 1.0)
     with run.step_rng.active():
         total, prompt, loss_parts = _accumulate(run, objective, scaler)
+    distributed.sum_gradients(run.trainable.parameters())
     if run.masters:
         run.masters.to_masters()
     if scaler:
@@ -314,7 +318,8 @@ def _optimizer_step(run: _Run, objective: Objective, rate: float, scaler) -> tup
 
 def _accumulate(run: _Run, objective: Objective, scaler) -> tuple[float, str, dict[str, float]]:
     """Forward and backward over ``gradient_accumulation`` micro-batches; the summed loss, a prompt, and the
-    summed loss parts (instance / prior) when the batches carry class images."""
+    summed loss parts (instance / prior) when the batches carry class images. With several ranks each takes its
+    rows of every (global) batch and the sums are over all ranks."""
     total, prompt, loss_parts = 0.0, "", {}
     steps = run.config.gradient_accumulation
     for _ in range(steps):
@@ -322,33 +327,58 @@ def _accumulate(run: _Run, objective: Objective, scaler) -> tuple[float, str, di
         latents, prompts = batch[0], batch[1]
         extras = batch[2] if len(batch) > 2 else {}  # optional per-sample "weights" [B] and "mask" [B, 1, h, w]
         prompt = prompts[0]
+        counts = _row_counts(extras, latents.shape[0])
+        rows = distributed.share(latents.shape[0])
+        if rows is not None:  # the objective draws for the whole batch and keeps this rank's rows
+            latents, prompts, extras = rows.take(latents), rows.take(prompts), rows.take(extras)
         device = run.parts.device
         with autocast(device, run.precision):
             cond = (run.conditions or run.trainable.condition)(run.parts, prompts)
-            masked = {"mask": extras["mask"].to(device)} if "mask" in extras else {}
-            per_sample = objective.loss(run.parts, latents.to(device), cond, run.generator, **masked)
-            loss, parts = _combined_loss(per_sample, extras)
-        if not math.isfinite(loss.item()):
+            options = {"mask": extras["mask"].to(device)} if "mask" in extras else {}
+            if rows is not None:
+                options["rows"] = (rows.start, rows.total)
+            per_sample = objective.loss(run.parts, latents.to(device), cond, run.generator, **options)
+            loss, parts = _combined_loss(per_sample * (0.0 if rows is not None and rows.idle else 1.0), extras, counts)
+        if rows is None and not math.isfinite(loss.item()):
             raise _NonFiniteLoss(loss.item(), run.step + 1)
         loss = loss / steps
         (scaler.scale(loss) if scaler else loss).backward()
         total += loss.item()
         for key, value in parts.items():
             loss_parts[key] = loss_parts.get(key, 0.0) + value / steps
+    if distributed.active():
+        keys = sorted(loss_parts)
+        total, *values = distributed.sum_values([total, *(loss_parts[k] for k in keys)], run.parts.device)
+        loss_parts = dict(zip(keys, values, strict=True))
+        if not math.isfinite(total):
+            raise _NonFiniteLoss(total, run.step + 1)
     return total, prompt, loss_parts
 
 
-def _combined_loss(per_sample: torch.Tensor, extras: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
+def _row_counts(extras: dict[str, Any], rows: int) -> tuple[int, int, int]:
+    """(rows, instance rows, class rows) of a whole batch: what its loss terms are averaged over."""
+    prior = extras.get("prior")
+    classes = int(prior.sum()) if prior is not None else 0
+    return rows, rows - classes, classes
+
+
+def _combined_loss(
+    per_sample: torch.Tensor, extras: dict[str, Any], counts: tuple[int, int, int]
+) -> tuple[torch.Tensor, dict[str, float]]:
     """The batch loss from per-sample losses ``[B]``: their (weighted) mean; with ``prior`` in ``extras`` the
-    DreamBooth objective (Ruiz et al. 2023, eq. 2): mean instance loss + mean of weight x class loss."""
+    DreamBooth objective (Ruiz et al. 2023, eq. 2): mean instance loss + mean of weight x class loss.
+
+    The means are over the whole batch's ``counts`` (``_row_counts``), so on several ranks, each holding some of
+    the rows, the ranks' losses (and gradients) add up to the batch's."""
     weights = extras["weights"].to(per_sample.device) if "weights" in extras else None
     prior = extras.get("prior")
-    if prior is None or not bool(prior.any()) or bool(prior.all()):
-        return (per_sample * weights if weights is not None else per_sample).mean(), {}
+    rows, instances, classes = counts
+    if not instances or not classes:
+        return (per_sample * weights if weights is not None else per_sample).sum() / rows, {}
     prior = prior.to(per_sample.device)
-    instance = per_sample[~prior].mean()
+    instance = per_sample[~prior].sum() / instances
     class_loss = per_sample[prior] * (weights[prior] if weights is not None else 1.0)
-    weighted_prior = class_loss.mean()
+    weighted_prior = class_loss.sum() / classes
     return instance + weighted_prior, {"loss_instance": instance.item(), "loss_prior": weighted_prior.item()}
 
 
@@ -403,8 +433,9 @@ def _progress(
 
 def _save_and_preview(run: _Run, hooks: TrainingHooks) -> None:
     every = run.config.save_every
-    save = (every and run.step % every == 0) or hooks.should_save()
-    preview = run.config.preview_every and run.step % run.config.preview_every == 0
+    asked = distributed.any_rank(hooks.should_save(), run.parts.device)  # every rank asks: it is a collective
+    save = (every and run.step % every == 0) or asked
+    preview = run.config.preview_every and run.step % run.config.preview_every == 0 and distributed.is_main()
     if not (save or preview):
         return
     run.mode.evaluate()  # schedule-free: the averaged weights are the ones saved and shown
@@ -434,7 +465,7 @@ def _save_now(run: _Run, hooks: TrainingHooks) -> None:
     masters = [p.detach().to("cpu", torch.float32, copy=True) for p in params] if keep else []
     state = {**_rng_state(run), "optimizer_name": run.config.optimizer}
     resume = ResumeState(run.optimizer.state_dict(), state, run.step, masters)
-    for path in run.trainable.save(run.step, resume):
+    for path in run.trainable.save(run.step, resume) if distributed.is_main() else []:
         run.saved.append(path)
         hooks.on_saved(path, run.step)
     run.last_saved = run.step

@@ -16,6 +16,7 @@ from lib_trainer.data.dataset import LatentCache, PromptMaker, Sample, TrainingB
 from lib_trainer.data.latent_store import latent_store
 from lib_trainer.errors import ConfigError
 from lib_trainer.formats.files import is_inside, write_bytes_atomic
+from lib_trainer.loop import distributed
 from lib_trainer.loop.checkpoint import ResumeState
 from lib_trainer.loop.hooks import TrainingHooks
 from lib_trainer.loop.precision import resolve_precision
@@ -43,7 +44,9 @@ def train_on_dataset(
     """
     samples, template, name = data
     trainable.run_dir.mkdir(parents=True, exist_ok=True)
-    write_bytes_atomic(trainable.run_dir / "config.json", to_json(config).encode("utf-8"))
+    main = distributed.is_main()  # with several ranks only rank 0 writes
+    if main:
+        write_bytes_atomic(trainable.run_dir / "config.json", to_json(config).encode("utf-8"))
     seed = config.train.seed
     cache = LatentCache(
         samples,
@@ -55,9 +58,10 @@ def train_on_dataset(
     )
     batch_seed = seed if trainable.resume else seed + trainable.start_step
     prompts = PromptMaker(template, name, config.data, random.Random(batch_seed))
-    source = batches(samples, cache, prompts, config.train.batch_size, batch_seed)
+    # every rank draws the same global batch (train.batch_size per rank) and trains on its rows of it
+    source = batches(samples, cache, prompts, config.train.batch_size * distributed.world(), batch_seed)
     objective = objective or DiffusionObjective(config.train.noise_offset, config.train.min_snr_gamma)
-    loss_log = LossLog(trainable.run_dir / "loss.csv", trainable.start_step)
+    loss_log = LossLog(trainable.run_dir / "loss.csv" if main else None, trainable.start_step)
     conditions = None
     if config.train.cache_text_encoder_outputs and getattr(trainable, "fixed_condition", False):
         precision = resolve_precision(config.train.mixed_precision, parts.device)
@@ -66,8 +70,10 @@ def train_on_dataset(
 
 
 def resolve_epochs(config: Any, samples: list[Sample]) -> Any:
-    """``config`` with ``epochs`` / ``save_every_epochs`` (when > 0) turned into ``train.steps`` / ``save_every``."""
-    per_epoch = math.ceil(batches_per_epoch(samples, config.train.batch_size) / config.train.gradient_accumulation)
+    """``config`` with ``epochs`` / ``save_every_epochs`` (when > 0) turned into ``train.steps`` / ``save_every``
+    (an epoch: every image once, in global batches of ``train.batch_size`` x the number of ranks)."""
+    global_batch = config.train.batch_size * distributed.world()
+    per_epoch = math.ceil(batches_per_epoch(samples, global_batch) / config.train.gradient_accumulation)
     train_cfg = config.train
     if config.epochs:
         train_cfg = dataclasses.replace(train_cfg, steps=config.epochs * per_epoch)

@@ -30,6 +30,7 @@ from lib_trainer.data.templates import load_template
 from lib_trainer.errors import ConfigError, FormatError
 from lib_trainer.formats.files import check_name, finite_for_saving, path_in, write_bytes_atomic
 from lib_trainer.formats.model_file import DTYPES, checkpoint_key, copy_model_config, save_checkpoint
+from lib_trainer.loop import distributed
 from lib_trainer.loop.checkpoint import ResumeState
 from lib_trainer.loop.hooks import TrainingHooks
 from lib_trainer.loop.optimizers import check_optimizer
@@ -293,7 +294,7 @@ def train_rows(
     trainable = RowsTrainable(config, parts, paths)
     data = (samples, template, config.finetune.name)
     result = train_on_dataset(config, parts, trainable, data, paths.log_dir, hooks, objective)
-    if config.finetune.apply_to_checkpoint and trainable.main_path.is_file():
+    if config.finetune.apply_to_checkpoint and distributed.is_main() and trainable.main_path.is_file():
         tensors = apply_rows(model_tensors(parts, checkpoint_keys(parts)), trainable.main_path)
         target = path_in(paths.checkpoint_dir, f"{config.finetune.name}.safetensors")
         meta = trainable.metadata(result.step)

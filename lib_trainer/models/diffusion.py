@@ -53,16 +53,22 @@ class DiffusionObjective:
         cond: torch.Tensor,
         generator: torch.Generator,
         mask: torch.Tensor | None = None,
+        rows: tuple[int, int] | None = None,
     ) -> torch.Tensor:
-        """Per-sample MSE ``[B]`` of the model's prediction at a random timestep (mask-weighted if given)."""
+        """Per-sample MSE ``[B]`` of the model's prediction at a random timestep (mask-weighted if given).
+
+        ``rows`` = (start, total): ``latents`` are rows start.. of a batch of ``total`` (one rank's share); the
+        timesteps and noise are drawn for the whole batch and these rows kept, as one process would draw them."""
         batch = latents.shape[0]
-        t = torch.randint(0, parts.num_timesteps, (batch,), generator=generator, device=generator.device)
-        t = t.to(latents.device)
-        noise = torch.randn(latents.shape, generator=generator, device=generator.device).to(latents.device)
+        start, total = rows or (0, batch)
+        keep = slice(start, start + batch)
+        draw = torch.randint(0, parts.num_timesteps, (total,), generator=generator, device=generator.device)
+        t = draw[keep].to(latents.device)
+        shape = (total, *latents.shape[1:])
+        noise = torch.randn(shape, generator=generator, device=generator.device)[keep].to(latents.device)
         if self.noise_offset:
-            shape = (batch, latents.shape[1], 1, 1)
-            offset = torch.randn(shape, generator=generator, device=generator.device).to(latents.device)
-            noise = noise + self.noise_offset * offset
+            offset = torch.randn((total, latents.shape[1], 1, 1), generator=generator, device=generator.device)
+            noise = noise + self.noise_offset * offset[keep].to(latents.device)
         x_t = add_noise(latents, noise, t, parts.alphas_cumprod)
         pred = parts.apply_model(x_t.to(parts.dtype), t, cond)
         target = target_for(parts.prediction, latents, noise, t, parts.alphas_cumprod)
