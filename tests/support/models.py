@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 
+from lib_trainer.models.clip_files import write_clip_tokenizer
 from tests.support.stack import prepare_stack
-from tests.support.tokenizer import write_clip_tokenizer
 
 TINY_UNET = {"model_channels": 32, "channel_mult": [1, 2], "num_res_blocks": 1, "attention_resolutions": [1, 2]}
 # The real SD1/SD2 block layout (4 levels, 2 res blocks, attention on levels 0-2) with tiny widths.
@@ -46,6 +46,34 @@ def build_model(family: str, size: str, workdir: Path, seed: int = 0) -> torch.n
     prepare_stack()
     from ldm.util import instantiate_from_config
 
+    config = model_config(family, size, workdir)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)  # after the CLIP files exist, so a cached work folder gives the same draws
+        model = instantiate_from_config(config).eval()
+    reinit_zero_weights(model, seed)
+    return model
+
+
+def save_checkpoint(model: torch.nn.Module, path: Path, config: dict | None = None) -> Path:
+    """Write ``model`` as a checkpoint file (.safetensors, or a weights-only .ckpt) and, given its ``config``, the
+    ``.yaml`` beside it that the WebUI (and the headless loader) read as its config."""
+    state = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        save_file(state, str(path))
+    else:
+        torch.save({"state_dict": state}, path)
+    if config is not None:
+        from omegaconf import OmegaConf
+
+        OmegaConf.save(OmegaConf.create({"model": config}), path.with_suffix(".yaml"))
+    return path
+
+
+def model_config(family: str, size: str, workdir: Path) -> dict:
+    """The ldm config ``build_model`` instantiates (the text encoder's files written to ``workdir``)."""
     spec = copy.deepcopy(SIZES[size])
     if size == "full":
         spec.update(FULL_TEXT[family])
@@ -72,11 +100,7 @@ def build_model(family: str, size: str, workdir: Path, seed: int = 0) -> torch.n
             "cond_stage_config": cond,
         },
     }
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)  # after the CLIP files exist, so a cached work folder gives the same draws
-        model = instantiate_from_config(config).eval()
-    reinit_zero_weights(model, seed)
-    return model
+    return config
 
 
 def reinit_zero_weights(model: torch.nn.Module, seed: int) -> None:
