@@ -10,7 +10,7 @@ if [ ! -x "$VENV/bin/python" ]; then
   "$PY" -m venv "$VENV"
 fi
 PIP=("$VENV/bin/python" -m pip install --quiet --disable-pip-version-check)
-NEEDED="torch ldm open_clip transformers pytest gradio fastapi httpx ruff lycoris hypothesis cv2 skimage lion_pytorch prodigyopt schedulefree playwright"
+NEEDED="torch ldm open_clip transformers pytest gradio fastapi httpx ruff lycoris hypothesis cv2 skimage lion_pytorch prodigyopt schedulefree playwright accelerate"
 if ! "$VENV/bin/python" -c "import importlib.util as u, sys; sys.exit(any(u.find_spec(m) is None for m in '$NEEDED'.split()))" 2>/dev/null; then
   echo "== installing the test stack into $VENV (CPU torch first, then the pinned packages)"
   "${PIP[@]}" "setuptools==80.9.0"

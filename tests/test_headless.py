@@ -366,6 +366,38 @@ def test_two_processes_train_what_one_process_trains(tmp_path, checkpoints):
     assert [int(r.split(",")[0]) for r in rows] == [1, 2, 3, 4, 5, 6]
 
 
+def test_accelerate_launch_trains_what_one_process_trains(tmp_path, checkpoints):
+    """``accelerate launch --multi_gpu --num_processes 2`` (it starts torchrun's agent; gloo on the CPU)."""
+    pytest.importorskip("accelerate")
+    photos = write_images(tmp_path / "photos")
+
+    def job(name: str, batch: int) -> Path:
+        config = {**JOBS["textual_inversion"](photos), "train": {"steps": 4, "save_every": 0, "batch_size": batch}}
+        return write_job(tmp_path / f"{name}.json", "textual_inversion", config)
+
+    checkpoint = ["--checkpoint", str(checkpoints["sd1"])]
+    one = run_cli(tmp_path, "train", str(job("one", 2)), *checkpoint, "--out", "one")
+    assert one.returncode == 0, one.stderr[-3000:]
+    launch = ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1"]
+    command = [sys.executable, *launch, "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "lib_trainer"]
+    args = ["train", str(job("two", 1)), *checkpoint, "--out", "two"]
+    two = subprocess.run(
+        [*command, *args],
+        env=_stack_env(tmp_path),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=CLI_TIMEOUT,
+        check=False,
+    )
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert "1 per process x 2 process(es)" in two.stderr
+    reference, _ = _contents(tmp_path / "one" / MAIN_FILES["textual_inversion"])
+    tensors, _ = _contents(tmp_path / "two" / MAIN_FILES["textual_inversion"])
+    worst = max((tensors[k] - v).abs().max().item() for k, v in reference.items())
+    assert worst <= 1e-6, worst
+
+
 # ---- packaging ----------------------------------------------------------------------------------------------
 
 
