@@ -72,12 +72,25 @@ def _stack_env(tmp: Path) -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(site), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
-def run_cli(tmp: Path, *args: str, processes: int = 1) -> subprocess.CompletedProcess:
-    """``python -m lib_trainer ARGS`` (or under torchrun with ``processes``), its output captured."""
-    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}"] if processes > 1 else []
-    command = [sys.executable, *launcher, "-m", "lib_trainer", *args]
+def run_cli(
+    tmp: Path, *args: str, processes: int = 1, launcher: list[str] | None = None
+) -> subprocess.CompletedProcess:
+    """``python -m lib_trainer ARGS`` (under torchrun with ``processes``, or ``python LAUNCHER -m lib_trainer``)."""
+    if launcher is None and processes > 1:
+        launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}"]
+    return run_python(tmp, *(launcher or []), "-m", "lib_trainer", *args)
+
+
+def run_python(tmp: Path, *args: str) -> subprocess.CompletedProcess:
+    """This venv's python with ``args`` in ``tmp``, on the test stack, its output captured."""
     return subprocess.run(
-        command, env=_stack_env(tmp), cwd=tmp, capture_output=True, text=True, timeout=CLI_TIMEOUT, check=False
+        [sys.executable, *args],
+        env=_stack_env(tmp),
+        cwd=tmp,
+        capture_output=True,
+        text=True,
+        timeout=CLI_TIMEOUT,
+        check=False,
     )
 
 
@@ -379,17 +392,9 @@ def test_accelerate_launch_trains_what_one_process_trains(tmp_path, checkpoints)
     one = run_cli(tmp_path, "train", str(job("one", 2)), *checkpoint, "--out", "one")
     assert one.returncode == 0, one.stderr[-3000:]
     launch = ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1"]
-    command = [sys.executable, *launch, "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "lib_trainer"]
+    launch += ["--mixed_precision", "no", "--dynamo_backend", "no"]
     args = ["train", str(job("two", 1)), *checkpoint, "--out", "two"]
-    two = subprocess.run(
-        [*command, *args],
-        env=_stack_env(tmp_path),
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=CLI_TIMEOUT,
-        check=False,
-    )
+    two = run_cli(tmp_path, *args, launcher=launch)
     assert two.returncode == 0, two.stderr[-3000:]
     assert "1 per process x 2 process(es)" in two.stderr
     reference, _ = _contents(tmp_path / "one" / MAIN_FILES["textual_inversion"])
@@ -405,25 +410,8 @@ def test_wheel_has_the_console_script_and_the_configs(tmp_path):
     source = tmp_path / "src"  # a copy: building writes build/ and *.egg-info beside pyproject.toml
     shutil.copytree(ROOT / "lib_trainer", source / "lib_trainer", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(ROOT / "pyproject.toml", source / "pyproject.toml")
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "wheel",
-            "--no-deps",
-            "--no-build-isolation",
-            "-q",
-            "-w",
-            str(tmp_path),
-            str(source),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=CLI_TIMEOUT,
-        check=False,
-        cwd=tmp_path,
-    )
+    pip = ["-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(source)]
+    result = run_python(tmp_path, *pip)
     assert result.returncode == 0, result.stderr[-3000:]
     (wheel,) = tmp_path.glob("sd_webui_trainer-*.whl")
     names = zipfile.ZipFile(wheel).namelist()

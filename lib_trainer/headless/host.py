@@ -12,7 +12,6 @@ import contextlib
 import json
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +20,7 @@ from lib_trainer.loop.distributed import is_main
 from lib_trainer.loop.hooks import Progress
 from lib_trainer.models.ldm import parts_from_ldm
 from lib_trainer.models.parts import ModelParts
+from lib_trainer.webui.jobs import Folders
 
 NO_TXT2IMG = (
     "the headless trainer has no txt2img (previews, DreamBooth class images and test grids are rendered by the "
@@ -28,24 +28,14 @@ NO_TXT2IMG = (
 )
 
 
-@dataclass(frozen=True)
-class Folders:
-    """Where a headless run writes: the WebUI's folder names under ``--out``, so the files can be copied over."""
-
-    embeddings: Path
-    hypernetworks: Path
-    lora: Path
-    logs: Path
-    checkpoints: Path
-
-    @classmethod
-    def under(cls, out: Path) -> Folders:
-        """The folders below ``out``: embeddings, models/{hypernetworks,Lora,Stable-diffusion}, trainer (logs)."""
-        out = Path(out).resolve()
-        models = out / "models"
-        return cls(
-            out / "embeddings", models / "hypernetworks", models / "Lora", out / "trainer", models / "Stable-diffusion"
-        )
+def folders_under(out: Path) -> Folders:
+    """Where a headless run writes: the WebUI's folder names below ``out`` (embeddings,
+    models/{hypernetworks,Lora,Stable-diffusion}, trainer for the logs), so the files can be copied over."""
+    out = Path(out).resolve()
+    models = out / "models"
+    return Folders(
+        out / "embeddings", models / "hypernetworks", models / "Lora", out / "trainer", models / "Stable-diffusion"
+    )
 
 
 class Terminal:
@@ -105,7 +95,7 @@ class HeadlessHost:
 
     def __init__(self, loaded: Any, out: Path, terminal: Terminal, clip_skip: int = 1):
         self.loaded, self.terminal, self.clip_skip = loaded, terminal, clip_skip
-        self._folders = Folders.under(out)
+        self._folders = folders_under(out)
         self.stop_requested = False
 
     # what the job queue asks

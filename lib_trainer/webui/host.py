@@ -51,17 +51,7 @@ from lib_trainer.loop.hooks import Progress
 from lib_trainer.models.ldm import parts_from_ldm
 from lib_trainer.models.parts import ModelParts
 from lib_trainer.models.sgm import is_sgm, parts_from_sgm
-
-
-@dataclass(frozen=True)
-class Folders:
-    """Folders the WebUI is configured with (command-line options)."""
-
-    embeddings: Path
-    hypernetworks: Path
-    lora: Path
-    logs: Path
-    checkpoints: Path
+from lib_trainer.webui.jobs import Folders
 
 
 def folders() -> Folders:

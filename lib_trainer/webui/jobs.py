@@ -41,6 +41,18 @@ from lib_trainer.methods import token_finetune as rows
 from lib_trainer.webui.form import size_defaults
 from lib_trainer.webui.grid_job import prepare_grid, run_grid
 
+
+@dataclass(frozen=True)
+class Folders:
+    """Where a host keeps what the trainer writes: its model folders and our log folder (``host.folders()``)."""
+
+    embeddings: Path
+    hypernetworks: Path
+    lora: Path
+    logs: Path
+    checkpoints: Path
+
+
 MAX_FINISHED_JOBS = 50  # finished jobs kept in memory (their files and previews stay on disk)
 WORKER_IDLE_S = 5.0
 
