@@ -49,6 +49,8 @@ def launched_world() -> int:
 def init_from_environment(device: torch.device) -> None:
     """Join the launcher's process group (``env://``): NCCL on CUDA, gloo on the CPU."""
     if launched_world() > 1 and not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)  # NCCL's communicator goes to the current device: each rank its own GPU
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method="env://")
 
 
