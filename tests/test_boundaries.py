@@ -6,7 +6,7 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-HOST_FILE = Path("lib_trainer/webui/host.py")
+HOST_FILES = {Path("lib_trainer/webui/host.py"), Path("lib_trainer/webui/forge_host.py")}  # one per host
 
 
 def imported_roots(path: Path) -> set[str]:
@@ -28,7 +28,16 @@ def python_files(folder: str) -> list[Path]:
 
 def test_only_host_module_imports_the_webui():
     offenders = [
-        str(p) for p in python_files("lib_trainer") if "modules" in imported_roots(ROOT / p) and p != HOST_FILE
+        str(p) for p in python_files("lib_trainer") if "modules" in imported_roots(ROOT / p) and p not in HOST_FILES
+    ]
+    assert offenders == []
+
+
+def test_only_forge_host_imports_forge_backend():
+    offenders = [
+        str(p)
+        for p in python_files("lib_trainer")
+        if "backend" in imported_roots(ROOT / p) and p != Path("lib_trainer/webui/forge_host.py")
     ]
     assert offenders == []
 

@@ -81,7 +81,7 @@ def parts_from_sgm(
         text_encoder=encoder,
         unet=unet,
         apply_model=sd_model.apply_model,
-        latent_encoder=LatentEncoder(_vae_encode_fn(sd_model.first_stage_model), float(sd_model.scale_factor)),
+        latent_encoder=LatentEncoder(vae_encode_fn(sd_model.first_stage_model), float(sd_model.scale_factor)),
         alphas_cumprod=_alphas(sd_model).to(device=device, dtype=torch.float32),
         size_conditioned=True,
         host_modules={
@@ -217,7 +217,7 @@ def _alphas(sd_model: nn.Module) -> torch.Tensor:
     return torch.cumprod(1.0 - betas, dim=0).float()
 
 
-def _vae_encode_fn(vae: nn.Module):
+def vae_encode_fn(vae: nn.Module):
     """(mean, std) of the latent distribution; the SDXL VAE overflows in fp16, so a non-finite result is redone
     once in fp32 with a private copy of the encoder (the host's VAE keeps its dtype)."""
     fp32: list[nn.Module] = []

@@ -5,8 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from lib_trainer.webui import host
+from lib_trainer.webui.hosts import host_module
 from lib_trainer.webui.jobs import JobManager
+
+host = host_module()
 
 _manager: JobManager | None = None
 

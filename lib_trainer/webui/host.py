@@ -180,12 +180,16 @@ def model_label() -> str:
     info = getattr(model, "sd_checkpoint_info", None)
     name = getattr(info, "name_for_extra", None) or getattr(info, "model_name", "?")
     if hasattr(model, "forge_objects"):
-        return f"Forge model (not supported yet) - {name}"
+        return f"old Forge / reForge model (not supported; use Forge main or the A1111 WebUI) - {name}"
     if is_sgm(model):
         return f"SDXL ({getattr(model, 'parameterization', '?')}-prediction) - {name}"
     family = "SD2" if getattr(model, "is_sd2", False) else "SD1"
     skip = "" if family == "SD2" else f", WebUI Clip skip {webui_clip_skip()}"  # SD2 ignores it, as the WebUI does
     return f"{family} ({getattr(model, 'parameterization', '?')}-prediction) - {name}{skip}"
+
+
+def check_method(method: str) -> None:
+    """Every method runs in the A1111 WebUI (Forge's host refuses some)."""
 
 
 def model_parts(clip_skip: int | None = None) -> ModelParts:
@@ -194,7 +198,10 @@ def model_parts(clip_skip: int | None = None) -> ModelParts:
     if model is None:
         raise UnsupportedModelError("no model is loaded; pick a checkpoint in the WebUI first")
     if hasattr(model, "forge_objects"):
-        raise UnsupportedModelError("this is a Forge model; the trainer supports the AUTOMATIC1111 WebUI 1.7-1.10")
+        raise UnsupportedModelError(
+            "this is an old Forge / reForge model (A1111's LatentDiffusion with Forge's backend), which the trainer "
+            "does not support; use Forge main (2.x) or the AUTOMATIC1111 WebUI 1.7-1.10"
+        )
     if getattr(shared.cmd_opts, "lowvram", False) or getattr(shared.cmd_opts, "medvram", False):
         raise ConfigError(
             "training does not work with --lowvram/--medvram (the WebUI moves the model's parts between CPU and GPU "
@@ -293,8 +300,9 @@ def clear_merged_networks() -> None:
 
 def reset_conditioning_cache() -> None:
     """Forget cached prompt conditioning (its key ignores embedding contents)."""
-    processing.StableDiffusionProcessing.cached_c = [None, None]
-    processing.StableDiffusionProcessing.cached_uc = [None, None]
+    cls = processing.StableDiffusionProcessing
+    cls.cached_c = [None] * len(cls.cached_c)  # Forge keeps three entries, A1111 two
+    cls.cached_uc = [None] * len(cls.cached_uc)
 
 
 def refresh_loras() -> None:

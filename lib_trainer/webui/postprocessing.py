@@ -13,7 +13,9 @@ import gradio as gr
 from lib_trainer.data.captions import read_caption
 from lib_trainer.data.crop import FocalWeights, focal_crop
 from lib_trainer.data.preprocess import PreprocessConfig, caption_image, merge_caption, target_size
-from lib_trainer.webui import host
+from lib_trainer.webui.hosts import host_module
+
+host = host_module()
 
 Base = host.postprocessing_script_base()
 
