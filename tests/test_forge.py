@@ -238,3 +238,14 @@ def test_fp8_storage_is_trained_in_the_computation_dtype(sd1_model):
 
 def test_a1111_host_is_used_without_forge(webui):
     assert importlib.import_module("lib_trainer.webui.hosts").host_module() is webui.host
+
+
+def test_fp16_weights_on_the_cpu_are_copied_to_fp32(sd1_model):
+    engine = fake_forge.build_engine(sd1_model)
+    clip = engine.forge_objects.clip.cond_stage_model.clip_l
+    with torch.inference_mode():
+        clip.half()  # Forge keeps the text encoder in fp16 on the CPU by default
+    parts = parts_from_forge(engine, "cpu")
+    assert {p.dtype for p in parts.host_modules["text_encoder"].parameters()} == {torch.float32}
+    with torch.no_grad():
+        assert torch.isfinite(parts.condition(["a photo of a cat"])).all()

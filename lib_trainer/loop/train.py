@@ -34,6 +34,8 @@ from lib_trainer.models.compiled import compiled_unet
 from lib_trainer.models.guard import IdleModules, frozen_host
 from lib_trainer.models.parts import ModelParts
 
+OOM = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)  # older torch (2.1-2.4) has only the cuda name
+
 
 class Trainable(Protocol):
     """What a method gives the loop: parameters, how it changes the model, conditioning, saving.
@@ -492,7 +494,7 @@ def _raise_explained(run: _Run, exc: BaseException) -> None:
             "(or use mixed precision 'bf16'/'no') and train again",
             field="train.learning_rate",
         ) from None
-    if isinstance(exc, torch.OutOfMemoryError):
+    if isinstance(exc, OOM):
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         advice = memory_advice(run.config)

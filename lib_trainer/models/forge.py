@@ -206,12 +206,12 @@ def parts_from_forge(
             f"{label}'s UNet takes {in_channels} input channels (an inpainting or edit model); training needs a plain "
             "text-to-image checkpoint"
         )
-    unet_dtype = _compute_dtype(kmodel.storage_dtype, kmodel.computation_dtype)
+    unet_dtype = _training_dtype(kmodel.storage_dtype, kmodel.computation_dtype, device)
     vae_source = objects.vae.first_stage_model
     if float(getattr(vae_source, "shift_factor", 0.0) or 0.0) != 0.0:
         raise UnsupportedModelError(f"{label}'s VAE uses a latent shift, which SD1/SD2/SDXL models do not")
     unet = trainable_copy(source_unet, device, unet_dtype)
-    encoder = _text_encoder(engine, objects.clip, family, clip_skip, device)
+    encoder = _text_encoder(engine, objects.clip, family, clip_skip, device, kmodel.computation_dtype)
     vae = _vae_encoder(vae_source, device)
     alphas = kmodel.predictor.alphas_cumprod.detach().to(device=device, dtype=torch.float32, copy=True)
     sdxl = family == "sdxl"
@@ -256,8 +256,11 @@ class _Group(nn.Module):
         self.encoders = nn.ModuleList([part.embedder.transformer for part in parts])
 
 
-def _compute_dtype(storage: torch.dtype, computation: torch.dtype) -> torch.dtype | None:
-    """Keep float storage as it is; anything else (fp8) is trained in Forge's computation dtype."""
+def _training_dtype(storage: torch.dtype, computation: torch.dtype, device) -> torch.dtype | None:
+    """The copies' dtype: fp32 on the CPU (Forge keeps fp16 text encoders there, whose LayerNorm fails on fp32
+    input, and the CPU trains in fp32 anyway); elsewhere float storage as it is and fp8 in the computation dtype."""
+    if torch.device(device).type == "cpu":
+        return torch.float32
     return None if storage in FLOAT_STORAGE else computation
 
 
@@ -267,12 +270,12 @@ def _engines(engine: Any, family: str) -> list[Any]:
     return [engine.text_processing_engine]
 
 
-def _text_encoder(engine: Any, clip: Any, family: str, clip_skip: int, device) -> Any:
+def _text_encoder(engine: Any, clip: Any, family: str, clip_skip: int, device, computation: torch.dtype) -> Any:
     names = {"sd1": ["clip_l"], "sd2": ["clip_h"], "sdxl": ["clip_l", "clip_g"]}[family]
     encoders = []
     for name, text_engine in zip(names, _engines(engine, family), strict=True):
         source = getattr(clip.cond_stage_model, name)
-        dtype = _float_or(next(source.parameters()).dtype, torch.float16)
+        dtype = _training_dtype(next(source.parameters()).dtype, computation, device)
         copied = trainable_copy(source, device, dtype)
         transformer = copied.transformer
         embeddings = transformer.text_model.embeddings
@@ -295,16 +298,13 @@ def _text_encoder(engine: Any, clip: Any, family: str, clip_skip: int, device) -
     return encoders[0]
 
 
-def _float_or(dtype: torch.dtype, fallback: torch.dtype) -> torch.dtype | None:
-    return None if dtype in FLOAT_STORAGE else fallback
-
-
 def _vae_encoder(vae: nn.Module, device) -> nn.Module:
     """A copy of the VAE's encoder half (encoder + quant_conv), which is all training uses."""
     holder = nn.Module()
-    holder.encoder = trainable_copy(vae.encoder, device)
+    dtype = _training_dtype(next(vae.parameters()).dtype, torch.float32, device)
+    holder.encoder = trainable_copy(vae.encoder, device, dtype)
     quant = getattr(vae, "quant_conv", None)
-    holder.quant_conv = trainable_copy(quant, device) if quant is not None else nn.Identity()
+    holder.quant_conv = trainable_copy(quant, device, dtype) if quant is not None else nn.Identity()
     return holder
 
 
