@@ -1,7 +1,8 @@
 """Run by the WebUI at start-up in its own process: installs only what the host lacks. Never touches torch.
 
 The WebUI already ships safetensors, numpy, pillow, open_clip, gradio and fastapi. lycoris-lora (the LoRA
-family math) is installed without its dependencies so that its plain ``torch`` requirement can never
+family math; 3.4.0 on a torch older than 2.7, which lycoris 4.1 does not import on, and a 4.1 found there is
+replaced) is installed without its dependencies so that its plain ``torch`` requirement can never
 replace the WebUI's torch; its one extra dependency, toml, is listed on its own. ``launch.run_pip`` does
 nothing under ``--skip-install``; when everything is present this script only checks and exits.
 
@@ -11,14 +12,18 @@ user lists them in Settings -> Trainer (``trainer_install_optimizers`` in the We
 """
 
 import json
+import sys
 from pathlib import Path
 
 import launch
 
-# (module to look for, pip arguments)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from lib_trainer.requirements import lycoris_mismatch, lycoris_pin
+
+# (module to look for, pip arguments); lycoris-lora's version follows the host's torch (lib_trainer/requirements.py)
 REQUIREMENTS = (
     ("toml", "toml"),
-    ("lycoris", "lycoris-lora==4.1.3 --no-deps"),
+    ("lycoris", f"lycoris-lora=={lycoris_pin()} --no-deps"),
 )
 OPTIONAL = {  # pip name -> (module, pip arguments)
     "bitsandbytes": ("bitsandbytes", "bitsandbytes --no-deps"),
@@ -50,5 +55,5 @@ def chosen_optional():
 
 
 for module, pip_args in (*REQUIREMENTS, *chosen_optional()):
-    if not launch.is_installed(module):
+    if not launch.is_installed(module) or (module == "lycoris" and lycoris_mismatch()):
         launch.run_pip(f"install {pip_args}", f"sd-webui-trainer requirement: {pip_args.split()[0]}")

@@ -4,8 +4,6 @@ around a real tiny model in Forge's layout (LDM-named UNet, HF CLIP, Forge-style
 from __future__ import annotations
 
 import importlib
-import sys
-import types
 from pathlib import Path
 
 import pytest
@@ -114,6 +112,30 @@ def test_copies_are_plain_trainable_torch_layers(sd1_model):
     assert all(p.is_inference() for p in unet.parameters())
 
 
+def test_forge_in_place_transformer_blocks_train_out_of_place(sd1_model):
+    """Forge's blocks add into ``x`` in place after LayerNorm saved it; the copies compute the same out of place."""
+    engine = fake_forge.build_engine(sd1_model)
+    unet = engine.forge_objects.unet.model.diffusion_model
+    copied = trainable_copy(unet, "cpu")
+    names = [n for n, m in unet.named_modules() if type(m) is fake_forge.BasicTransformerBlock]
+    assert names
+    block = dict(copied.named_modules())[names[0]]
+    assert isinstance(block, fake_forge.BasicTransformerBlock)
+    assert type(block) is not fake_forge.BasicTransformerBlock
+    x = torch.randn(1, 16, block.norm1.normalized_shape[0])
+    context = torch.randn(1, 77, 32)
+    with torch.no_grad():
+        ours = block(x.clone(), context=context)
+        forge_own = fake_forge.BasicTransformerBlock._forward(block, x.clone(), context)
+    torch.testing.assert_close(ours, forge_own, rtol=0, atol=1e-6)
+    for p in block.parameters():
+        p.requires_grad_(True)
+    block(x, context=context).sum().backward()
+    assert all(p.grad is not None for p in block.attn1.to_q.parameters())
+    with pytest.raises(RuntimeError, match="inplace"):  # what Forge's own block does under autograd
+        fake_forge.BasicTransformerBlock._forward(block, x.clone(), context).sum().backward()
+
+
 def test_forge_is_detected_and_its_host_is_used(forge_webui):
     assert forge_webui.host.__name__ == "lib_trainer.webui.forge_host"
     assert "Forge SD1 (epsilon) - tiny-sd1" in forge_webui.host.model_label()
@@ -143,16 +165,16 @@ def test_lora_on_forge_loads_with_no_unmatched_keys_and_is_reloaded(layout_model
     fake = forge(layout_model, tmp_path, "layout-sd1")
     try:
         before = fake_forge.engine_state(fake.engine)
-        networks = types.ModuleType("networks")
+        networks = fake.networks
+        path = fake.root / "models" / "Lora" / "zqforgelora.safetensors"
+        networks.load_lora_state_dict.cache_clear()
         networks.load_lora_state_dict = _cached_loader()
-        networks.listed = []
-        networks.list_available_networks = lambda: networks.listed.append(True)
-        sys.modules["networks"] = networks
-        networks.load_lora_state_dict("zqforgelora.safetensors")  # Forge read an older file of that name
-        done = fake.manager.wait(fake.manager.submit("lora", job(fake, LORA, template="none"), PREVIEW).id)
+        networks.load_lora_state_dict(str(path))  # Forge read an older file of that name
+        networks.available_network_aliases["zqforgelora"] = fake_forge.NetworkOnDisk("zqforgelora", str(path))
+        preview = {**PREVIEW, "prompt": "a photo of a cat"}
+        done = fake.manager.wait(fake.manager.submit("lora", job(fake, LORA, template="none"), preview).id)
         assert done.state == "done", done.error
         assert done.warnings == []  # the keys are checked with Forge's own maps after saving
-        path = fake.root / "models" / "Lora" / "zqforgelora.safetensors"
         keys = sorted({k.partition(".")[0] for k in load_file(path)})
         assert any(k.startswith("lora_te_text_model_encoder_layers_") for k in keys)
         assert any(k.startswith("lora_unet_down_blocks_") for k in keys)  # kohya's diffusers-style SD1 names
@@ -160,9 +182,34 @@ def test_lora_on_forge_loads_with_no_unmatched_keys_and_is_reloaded(layout_model
         assert networks.load_lora_state_dict.cache_info().currsize == 0  # a retrained file is read again
         assert fake.engine.current_lora_hash == "[]"
         assert networks.listed
+        assert networks.available_network_aliases["zqforgelora"].filename == str(path)  # the user's entry is kept
         assert_unchanged(fake.engine, before)
     finally:
-        sys.modules.pop("networks", None)
+        _close(fake)
+
+
+def test_lora_previews_on_forge_render_the_current_network_through_forges_loader(layout_model, tmp_path):
+    """The network trains on copies, so Forge's txt2img sees it only as a file its LoRA extension loads."""
+    fake = forge(layout_model, tmp_path, "layout-sd1")
+    try:
+        networks = fake.networks
+        config = job(fake, {**LORA, "train": {**LORA["train"], "steps": 4, "preview_every": 2, "save_every": 4}})
+        done = fake.manager.wait(fake.manager.submit("lora", config, {**PREVIEW, "prompt": "a [name]"}).id)
+        assert done.state == "done", done.error
+        prompts = [r["prompt"] for r in fake.shared.rendered]
+        assert prompts == ["a zqforgelora <lora:zqforgelora-trainer-preview:1>"] * 2
+        assert [a["name"] for a in networks.applied] == ["zqforgelora-trainer-preview"] * 2
+        assert all(a["matched"] and a["unmatched"] == [] for a in networks.applied)
+        first, second = (a["sd"] for a in networks.applied)
+        assert any(not torch.equal(first[k], second[k]) for k in first)  # each preview shows the network at its step
+        final = load_file(fake.root / "models" / "Lora" / "zqforgelora.safetensors")
+        assert all(torch.equal(second[k], final[k]) for k in final)  # the last preview is what was saved at step 4
+        assert "zqforgelora-trainer-preview" not in networks.available_network_aliases
+        assert "zqforgelora-trainer-preview" not in networks.available_networks
+        assert not list(Path(done.summary()["saved"][0]["path"]).parents[1].glob("previews/*.safetensors"))
+        assert len(list(Path(done.summary()["saved"][0]["path"]).parents[1].glob("previews/*.png"))) == 2
+        assert fake.engine.current_lora_hash == "[]"  # the user's LoRAs are applied again at the next generation
+    finally:
         _close(fake)
 
 

@@ -474,6 +474,13 @@ def test_lora_without_lycoris_installed_is_refused_at_submit(sdxl_model, image_d
     )
     with pytest.raises(UnsupportedModelError, match="lycoris-lora"):
         lora.check(config, parts_from_sgm(sdxl_model), LoraPaths(tmp_path / "Lora", tmp_path / "log"))
+    monkeypatch.setattr(importlib.util, "find_spec", real)
+    from lib_trainer import requirements
+
+    versions = {"torch": "2.3.1+cu121", "lycoris-lora": "4.1.3"}  # Forge main's torch with lycoris 4.1
+    monkeypatch.setattr(requirements, "installed_version", versions.get)
+    with pytest.raises(UnsupportedModelError, match=r"4\.1\.3 is installed.*torch 2\.3\.1.*lycoris-lora==3\.4\.0"):
+        lora.check(config, parts_from_sgm(sdxl_model), LoraPaths(tmp_path / "Lora", tmp_path / "log"))
 
 
 @pytest.fixture

@@ -186,6 +186,9 @@ class HeadlessHost:
     def register_embedding(self, name: str, tensors: dict[str, Any]) -> None:
         pass
 
+    def network_preview(self, name: str, state: Any, step: int, folder: Path) -> contextlib.AbstractContextManager:
+        return state.for_preview()
+
 
 def elapsed_text(seconds: float) -> str:
     """``1h02m03s`` style duration."""

@@ -153,14 +153,23 @@ OWN_TARGETS = {
 
 
 def check_lycoris_installed() -> None:
-    """Refuse at submit when lycoris-lora (the LoRA family math, installed by install.py) is missing."""
+    """Refuse at submit when lycoris-lora (the LoRA family math, installed by install.py) is missing or is a
+    release that does not import on this torch."""
     import importlib.util
+
+    from lib_trainer.requirements import installed_version, lycoris_command, lycoris_mismatch
 
     if importlib.util.find_spec("lycoris") is None:
         raise UnsupportedModelError(
             "LoRA training needs the lycoris-lora package, which is not installed (the extension's install.py adds "
             "it when the WebUI starts, but not under --skip-install). Restart the WebUI without --skip-install, or "
-            "run: python -m pip install lycoris-lora==4.1.3 --no-deps toml (in the WebUI's Python)"
+            f"run: {lycoris_command()} (in the WebUI's Python)"
+        )
+    if lycoris_mismatch():
+        raise UnsupportedModelError(
+            f"lycoris-lora {installed_version('lycoris-lora')} is installed, which does not import on torch "
+            f"{installed_version('torch')} (it needs torch 2.7 or newer). Restart the WebUI without --skip-install "
+            f"(install.py replaces it), or run: {lycoris_command()} (in the WebUI's Python)"
         )
 
 
@@ -465,6 +474,10 @@ class NetworkTrainable:
             resolution=(cfg.data.width, cfg.data.height),
             extra=extra,
         )
+
+    def write_file(self, path: Path, step: int) -> Path:
+        """The network as a LoRA file at ``path`` (as saved; for hosts that render previews from a file)."""
+        return save_network(path, self.tensors(), self.metadata(step), self.config.network.save_precision)
 
     def save(self, step: int, resume: ResumeState) -> list[Path]:
         """A numbered copy in the run folder, the resume sidecar, then the main file in the Lora folder."""

@@ -45,6 +45,7 @@ def sdpa_attention(unet: nn.Module, enabled: bool = True) -> contextlib.Abstract
 def _sdpa_forward(module: nn.Module, host_forward: Callable) -> Callable:
     def forward(x, context=None, mask=None, **kwargs):
         extra = kwargs.get("additional_tokens") is not None or kwargs.get("n_times_crossframe_attn_in_self")
+        extra = extra or kwargs.get("value") is not None  # Forge's separate value input (its attention patches)
         if not torch.is_grad_enabled() or mask is not None or extra:
             return host_forward(x, context=context, mask=mask, **kwargs)
         heads = module.heads

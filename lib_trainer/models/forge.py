@@ -23,6 +23,7 @@ Forge layer classes are recognised by their ``parameters_manual_cast`` attribute
 from __future__ import annotations
 
 import copy
+import functools
 from collections.abc import Callable
 from types import SimpleNamespace
 from typing import Any
@@ -82,6 +83,8 @@ def trainable_copy(module: nn.Module, device: torch.device | str, dtype: torch.d
         plain = PLAIN_LAYERS.get(type(node).__name__)
         if plain is not None and hasattr(node, "parameters_manual_cast"):
             new.__class__ = plain
+        elif _is_forge_transformer_block(node):
+            new.__class__ = _out_of_place_block(type(node))
         new._parameters = {
             name: None if p is None else nn.Parameter(tensor(p, name, node), requires_grad=False)
             for name, p in node._parameters.items()
@@ -101,6 +104,39 @@ def trainable_copy(module: nn.Module, device: torch.device | str, dtype: torch.d
 
     with torch.inference_mode(False), torch.no_grad():
         return visit(module)
+
+
+def _is_forge_transformer_block(node: nn.Module) -> bool:
+    return type(node).__name__ == "BasicTransformerBlock" and all(
+        hasattr(node, name) for name in ("_forward", "is_res", "ff_in", "norm3")
+    )
+
+
+@functools.cache
+def _out_of_place_block(forge_class: type) -> type:
+    """Forge's ``BasicTransformerBlock`` with the same computation out of place. Forge adds the attention outputs
+    into ``x`` in place (``x += n``) after LayerNorm saved ``x`` for backward, which autograd refuses. Calls with
+    transformer patches (never made in training: UnetCall passes fresh options) run Forge's own code."""
+
+    def _forward(self, x, context=None, transformer_options={}):  # noqa: B006 (Forge's signature)
+        if transformer_options.get("patches") or transformer_options.get("patches_replace"):
+            return forge_class._forward(self, x, context, transformer_options)
+        extra = dict(transformer_options, n_heads=self.n_heads, dim_head=self.d_head)
+        if self.ff_in:
+            skip = x
+            x = self.ff_in(self.norm_in(x))
+            if self.is_res:
+                x = x + skip
+        self_context = context if self.disable_self_attn else None
+        n = self.attn1(self.norm1(x), context=self_context, value=None, transformer_options=extra)
+        x = x + n
+        if self.attn2 is not None:
+            n = self.attn2(self.norm2(x), context=context, value=None, transformer_options=extra)
+        x = x + n
+        out = self.ff(self.norm3(x))
+        return out + x if self.is_res else out
+
+    return type(forge_class.__name__, (forge_class,), {"_forward": _forward, "__module__": __name__})
 
 
 def _refuse_quantized(value: torch.Tensor, name: str, owner: nn.Module) -> None:

@@ -12,10 +12,14 @@ those functions come from ``host`` (the A1111 glue) unchanged. What differs is t
         load_lora(state_dict, keys) -> (matched, unmatched)  (Forge's LoRA loader rejects a file with > 12 unmatched)
     backend.text_processing.textual_inversion.create_embedding_from_data(data, name)
     sys.modules["networks"] (the built-in sd_forge_lora extension): load_lora_state_dict (an lru_cache by file
-        name: cleared so a retrained file is read again), list_available_networks()
+        name: cleared so a retrained file is read again), list_available_networks(), available_networks /
+        available_network_aliases (name -> network.NetworkOnDisk(name, filename)), network.NetworkOnDisk
 Training runs on copies of Forge's modules made for each run on Forge's torch device, after Forge's memory
 manager has unloaded its own models; the copies are dropped when the run ends, so Forge's model is never changed.
 Hypernetworks have no effect in Forge main, DreamBooth and token rows need the whole LDM model: those are refused.
+LoRA previews: the network trains on the copies, not on the model txt2img uses, so each preview writes the current
+network to a file in the run's previews folder and renders with ``<lora:NAME-trainer-preview:1>`` added to the
+prompt, through Forge's own LoRA loader (its own name, so Forge's metadata/hash cache of the real file is untouched).
 """
 
 from __future__ import annotations
@@ -48,7 +52,6 @@ from lib_trainer.webui.host import (  # noqa: F401  (the same in Forge: re-expor
     refresh_checkpoints,
     register_callbacks,
     release_captioners,
-    render_txt2img,
     report_progress,
     report_status,
     reset_conditioning_cache,
@@ -66,7 +69,10 @@ REFUSED = {
     "embedding_finetune": "token rows are placed in a whole LDM checkpoint, which Forge's engine objects do not give",
 }
 
+PREVIEW_SUFFIX = "-trainer-preview"
+
 _run: dict[int, ModelParts] | None = None  # the current run's copies by clip skip (None outside a run)
+_preview_tags: list[str] = []  # prompt additions while a network preview renders
 
 
 def engine() -> Any:
@@ -191,14 +197,62 @@ def refresh_loras() -> None:
     """Rescan the Lora folder and forget what Forge cached by file name, so a retrained file is really used."""
     reset_conditioning_cache()
     networks = sys.modules.get("networks")
+    if shared.sd_model is not None:
+        _forget_loaded_loras(networks, shared.sd_model)
+    if networks is not None and hasattr(networks, "list_available_networks"):
+        networks.list_available_networks()
+
+
+@contextlib.contextmanager
+def network_preview(name: str, state: Any, step: int, folder: Path) -> Iterator[None]:
+    """While a preview renders: the current network as a file Forge's LoRA extension loads under
+    ``NAME-trainer-preview`` (added to the prompt by render_txt2img); afterwards the file and the entry are gone and
+    Forge re-applies the user's own LoRAs at the next generation."""
+    networks = sys.modules.get("networks")
+    if networks is None or not hasattr(state, "write_file"):
+        raise UnsupportedModelError(
+            "previews of a network need Forge's built-in LoRA extension (sd_forge_lora), which is not loaded; turn "
+            "previews off or enable it"
+        )
+    preview_name = name + PREVIEW_SUFFIX
+    path = folder / f"{preview_name}.safetensors"
+    model = engine()
+    tables = (networks.available_networks, networks.available_network_aliases)
+    kept = [table.get(preview_name) for table in tables]
+    with state.for_preview():
+        state.write_file(path, step)
+        entry = networks.network.NetworkOnDisk(preview_name, str(path))
+        for table in tables:
+            table[preview_name] = entry
+        _forget_loaded_loras(networks, model)
+        _preview_tags.append(f"<lora:{preview_name}:1>")
+        try:
+            yield
+        finally:
+            _preview_tags.clear()
+            for table, old in zip(tables, kept, strict=True):
+                table.pop(preview_name, None) if old is None else table.__setitem__(preview_name, old)
+            _forget_loaded_loras(networks, model)
+            path.unlink(missing_ok=True)
+
+
+def _forget_loaded_loras(networks: Any, model: Any) -> None:
+    """Forge applies LoRAs again at the next generation, read from their files."""
     cached = getattr(networks, "load_lora_state_dict", None)
     if cached is not None and hasattr(cached, "cache_clear"):
         cached.cache_clear()
-    model = shared.sd_model
-    if model is not None and hasattr(model, "current_lora_hash"):
+    if hasattr(model, "current_lora_hash"):
         model.current_lora_hash = str([])
-    if networks is not None and hasattr(networks, "list_available_networks"):
-        networks.list_available_networks()
+    original = getattr(model, "forge_objects_original", None)
+    if original is not None and hasattr(original, "shallow_copy"):
+        model.forge_objects_after_applying_lora = original.shallow_copy()
+
+
+def render_txt2img(settings: dict[str, Any]) -> list[Any]:
+    """Forge's own txt2img (A1111's processing surface), with a preview network's tag when one is shown."""
+    if _preview_tags:
+        settings = {**settings, "prompt": " ".join([settings["prompt"], *_preview_tags])}
+    return a1111.render_txt2img(settings)
 
 
 def refresh_hypernetworks() -> None:

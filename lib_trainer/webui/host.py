@@ -426,6 +426,12 @@ def show_image(image: Any) -> None:
     shared.state.assign_current_image(image)
 
 
+def network_preview(name: str, state: Any, step: int, folder: Path) -> contextlib.AbstractContextManager:
+    """While previews render: the network trains attached to the WebUI's own model, so txt2img sees it as it is
+    (in its ``for_preview`` mode)."""
+    return state.for_preview()
+
+
 def register_embedding(name: str, tensors: dict[str, Any]) -> None:
     """Make the current vectors usable as ``name`` in prompts (for previews), replacing a loaded one.
 

@@ -290,19 +290,20 @@ class JobHooks(TrainingHooks):
             return
         settings = {**dataclasses.asdict(preview), "prompt": preview.prompt.replace("[name]", self.name)}
         settings["clip_skip"] = self.job.config.train.clip_skip
-        with self._preview_state(state):
-            images = self.host.render_txt2img(settings)
         folder = Path(state.run_dir) / "previews"
+        with self._preview_state(state, step, folder):
+            images = self.host.render_txt2img(settings)
         for i, image in enumerate(images):
             path = write_atomic(folder / f"{self.name}-{step:06d}-{i}.png", lambda tmp, im=image: im.save(tmp, "PNG"))
             self.job.previews.append((step, path))
             self.host.show_image(image)
 
-    def _preview_state(self, state: Any):
-        """The training state as txt2img should see it: networks stay attached (their ``for_preview`` mode), an
-        embedding is registered with the host under its name."""
+    def _preview_state(self, state: Any, step: int, folder: Path):
+        """The training state as txt2img should see it: networks as the host shows them (attached in their
+        ``for_preview`` mode, or loaded by the host from a preview file in ``folder``), an embedding registered with
+        the host under its name."""
         if hasattr(state, "for_preview"):
-            return state.for_preview()
+            return self.host.network_preview(self.name, state, step, folder)
         self.host.register_embedding(self.name, state.file_tensors())
         return contextlib.nullcontext()
 

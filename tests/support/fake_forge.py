@@ -70,6 +70,46 @@ class TextualInversionEmbedding(nn.Module):
         return self.wrapped(ids)
 
 
+class CrossAttention(nn.Module):
+    """Forge's ``CrossAttention`` call signature (``value``, ``transformer_options``) over ldm's attention."""
+
+    def forward(self, x, context=None, value=None, mask=None, transformer_options={}):  # noqa: B006
+        assert value is None, "the fake has no attention patches"
+        return super().forward(x, context=context, mask=mask)
+
+
+class BasicTransformerBlock(nn.Module):
+    """Forge's transformer block as far as training meets it: the attention outputs and the feed-forward are added
+    into ``x`` IN PLACE (``x += n``), after LayerNorm saved ``x`` for backward, so autograd refuses to train
+    through the block as it is; attributes ``ff_in``, ``is_res``, ``n_heads``, ``d_head`` as in Forge."""
+
+    def forward(self, x, context=None, transformer_options={}):  # noqa: B006
+        return self._forward(x, context, transformer_options)
+
+    def _forward(self, x, context=None, transformer_options={}):  # noqa: B006
+        extra = dict(transformer_options, n_heads=self.n_heads, dim_head=self.d_head)
+        n = self.norm1(x)
+        n = self.attn1(n, context=context if self.disable_self_attn else None, value=None, transformer_options=extra)
+        x += n
+        n = self.attn2(self.norm2(x), context=context, value=None, transformer_options=extra)
+        x += n
+        x_skip = x
+        x = self.ff(self.norm3(x))
+        x += x_skip
+        return x
+
+
+def _forge_blocks(unet: nn.Module) -> None:
+    for module in unet.modules():
+        name = type(module).__name__
+        if name == "BasicTransformerBlock":
+            module.__class__ = BasicTransformerBlock
+            module.ff_in, module.is_res = False, True
+            module.n_heads, module.d_head = module.attn1.heads, module.attn1.to_q.out_features // module.attn1.heads
+        elif name == "CrossAttention" and type(module) is not CrossAttention:
+            module.__class__ = type("CrossAttention", (CrossAttention, type(module)), {})
+
+
 def _forge_layers(root: nn.Module) -> None:
     for module in list(root.modules()):
         for name, child in list(module._modules.items()):
@@ -128,6 +168,7 @@ def build_engine(ldm_model: nn.Module, name: str = "tiny-sd1") -> Engine:
     vae.encoder = copy.deepcopy(ldm_model.first_stage_model.encoder)
     vae.quant_conv = copy.deepcopy(ldm_model.first_stage_model.quant_conv)
     vae.scaling_factor, vae.shift_factor = float(ldm_model.scale_factor), 0.0
+    _forge_blocks(unet)
     for root in (unet, clip, vae):
         _forge_layers(root)
     embeddings = clip.transformer.text_model.embeddings
@@ -196,6 +237,45 @@ def _load_lora(lora: dict, to_load: dict) -> tuple[dict, dict]:
     return matched, unmatched
 
 
+class NetworkOnDisk:
+    """``network.NetworkOnDisk`` of Forge's sd_forge_lora extension: a name and its file."""
+
+    def __init__(self, name, filename):
+        self.name, self.filename = name, filename
+
+
+def _lora_extension(engine: Engine, fake) -> types.ModuleType:
+    """sd_forge_lora's ``networks`` module, and its effect on txt2img: a ``<lora:NAME:w>`` in the prompt is looked up
+    by alias, read through the lru-cached ``load_lora_state_dict`` and matched with Forge's key maps (recorded in
+    ``networks.applied`` with the tensors it read)."""
+    import functools
+    import re
+
+    from safetensors.torch import load_file
+
+    networks = types.ModuleType("networks")
+    networks.network = types.SimpleNamespace(NetworkOnDisk=NetworkOnDisk)
+    networks.available_networks, networks.available_network_aliases = {}, {}
+    networks.applied, networks.listed = [], []
+    networks.load_lora_state_dict = functools.lru_cache(maxsize=5)(lambda filename: load_file(filename))
+    networks.list_available_networks = lambda: networks.listed.append(True)
+    processing = sys.modules["modules.processing"]
+    render = processing.process_images
+
+    def process_images(p):
+        for name in re.findall(r"<lora:([^:>]+):[^>]*>", p.prompt):
+            entry = networks.available_network_aliases[name]
+            lora = networks.load_lora_state_dict(entry.filename)
+            objects = engine.forge_objects_original
+            keys = _lora_keys_clip(objects.clip.cond_stage_model, _lora_keys_unet(objects.unet.model, {}))
+            matched, unmatched = _load_lora(lora, keys)
+            networks.applied.append({"name": name, "matched": len(matched), "unmatched": sorted(unmatched), "sd": lora})
+        return render(p)
+
+    processing.process_images = process_images
+    return networks
+
+
 def install(engine: Engine, root: Path) -> types.SimpleNamespace:
     """fake_webui's ``modules`` around ``engine`` plus the ``backend`` modules forge_host imports."""
     fake = fake_webui.install(engine, root)
@@ -217,11 +297,13 @@ def install(engine: Engine, root: Path) -> types.SimpleNamespace:
             setattr(mods[parent], child, module)
         sys.modules[name] = module
     fake.memory = memory
+    fake.networks = sys.modules["networks"] = _lora_extension(engine, fake)
     return fake
 
 
 def uninstall() -> None:
     """Remove the fake backend and modules (and the glue imported against them)."""
+    sys.modules.pop("networks", None)
     for name in [n for n in sys.modules if n == "backend" or n.startswith("backend.")]:
         del sys.modules[name]
     fake_webui.uninstall()
