@@ -142,6 +142,23 @@ def test_forge_is_detected_and_its_host_is_used(forge_webui):
     assert "hypernetworks have no effect" in forge_webui.host.model_label()
 
 
+def test_the_tab_builds_on_forge_and_says_what_forge_cannot_train(forge_webui):
+    pytest.importorskip("gradio")
+    entry = importlib.import_module("lib_trainer.webui.entry")
+    assert entry.host is forge_webui.host
+    entry._manager = forge_webui.manager
+    try:
+        ((tab, title, _),) = entry.on_ui_tabs()
+    finally:
+        entry._manager = None
+    assert title == "Trainer"
+    notices = {
+        b.elem_id: b.value for b in tab.blocks.values() if str(getattr(b, "elem_id", "")).endswith("_unavailable")
+    }
+    assert set(notices) == {f"trainer_{m}_unavailable" for m in ("hypernetwork", "dreambooth", "embedding_finetune")}
+    assert "no effect in Forge main" in notices["trainer_hypernetwork_unavailable"]
+
+
 def test_textual_inversion_on_forge_leaves_its_model_as_it_was(forge_webui):
     fake = forge_webui
     before = fake_forge.engine_state(fake.engine)

@@ -1,6 +1,7 @@
-"""Opt-in: check the real WebUI still has every name host.py uses (the fake host's contract).
+"""Opt-in: check the real WebUI still has every name host.py uses (the fake host's contract), or, for a Forge main
+checkout, every name forge_host.py and models/forge.py use (tests/support/fake_forge.py's contract).
 
-Skipped unless SD_WEBUI_DIR points at an AUTOMATIC1111 WebUI checkout. The check runs in the WebUI's own
+Skipped unless SD_WEBUI_DIR points at an AUTOMATIC1111 WebUI or Forge checkout. The check runs in the WebUI's own
 Python (SD_WEBUI_PYTHON, default <SD_WEBUI_DIR>/venv/bin/python, else this interpreter), imports the real
 modules after the WebUI's own initialisation, and also imports our host.py there.
 """
@@ -115,6 +116,68 @@ print(json.dumps({
 """
 
 
+FORGE_CHECK = r"""
+import inspect, json, sys
+sys.argv = [sys.argv[0], "--always-cpu", "--skip-torch-cuda-test"]
+from modules_forge.initialization import initialize_forge
+initialize_forge()
+from modules import initialize
+initialize.imports()
+from modules import processing, sd_models, shared
+from backend import memory_management, operations
+from backend.diffusion_engine import base
+from backend.nn import unet
+from backend.patcher import lora
+from backend.text_processing import classic_engine, textual_inversion
+sys.path.insert(0, EXTENSION_ROOT)
+import lib_trainer.webui.hosts as hosts
+import lib_trainer.webui.forge_host as forge_host  # our glue imports cleanly against the real modules
+sys.path.insert(0, "extensions-builtin/sd_forge_lora")
+import network, networks  # the built-in LoRA extension's modules, as forge_host.py finds them in sys.modules
+src = lambda obj: inspect.getsource(obj)
+params = lambda f: list(inspect.signature(f).parameters)
+ops = operations.ForgeOperations
+print(json.dumps({
+    "host_selected": hosts.host_module().__name__ == "lib_trainer.webui.forge_host",
+    "memory": [callable(memory_management.unload_all_models), callable(memory_management.get_torch_device),
+               "force" in params(memory_management.soft_empty_cache)],
+    "forge_model_reload": callable(sd_models.forge_model_reload),
+    "engine": [all(f"self.{a} =" in src(base.ForgeDiffusionEngine.__init__) for a in (
+                   "forge_objects", "forge_objects_original", "forge_objects_after_applying_lora",
+                   "current_lora_hash")),
+               callable(base.ForgeObjects.shallow_copy),
+               "forge_objects_after_applying_lora.shallow_copy()" in src(processing)],
+    "lora": [params(lora.model_lora_keys_unet)[:2] == ["model", "key_map"],
+             params(lora.model_lora_keys_clip)[:2] == ["model", "key_map"],
+             params(lora.load_lora)[:2] == ["lora", "to_load"]],
+    "networks": [hasattr(networks.load_lora_state_dict, "cache_clear"), callable(networks.list_available_networks),
+                 isinstance(networks.available_networks, dict), isinstance(networks.available_network_aliases, dict),
+                 networks.network is network, params(network.NetworkOnDisk.__init__) == ["self", "name", "filename"]],
+    "embeddings": [params(textual_inversion.create_embedding_from_data)[:2] == ["data", "name"],
+                   params(textual_inversion.EmbeddingDatabase.load_textual_inversion_embeddings) == ["self"],
+                   params(textual_inversion.EmbeddingDatabase.register_embedding_by_name)
+                   == ["self", "embedding", "name"]],
+    "text_engine": all(f"self.{a} =" in src(classic_engine.ClassicTextProcessingEngine.__init__) for a in (
+                       "embeddings", "text_projection", "minimal_clip_skip", "clip_skip", "final_layer_norm")),
+    "layers": [hasattr(getattr(ops, n), "forward") and "self.parameters_manual_cast" in src(getattr(ops, n))
+               for n in ("Linear", "Conv2d", "GroupNorm", "LayerNorm", "Embedding")],
+    "unet": [all(a in src(unet.BasicTransformerBlock.__init__) for a in (
+                 "self.ff_in", "self.is_res", "self.norm3", "self.n_heads", "self.d_head", "self.disable_self_attn")),
+             "x += n" in src(unet.BasicTransformerBlock._forward),  # why the copies use their own out-of-place copy
+             {"value", "transformer_options"} <= set(params(unet.CrossAttention.forward)),
+             params(unet.IntegratedUNet2DConditionModel.forward)[:6]
+             == ["self", "x", "timesteps", "context", "y", "control"],
+             all(n in src(unet.IntegratedUNet2DConditionModel) for n in (
+                 "self.input_blocks", "self.middle_block", "self.output_blocks", "self.in_channels"))],
+    "shared": [hasattr(shared, "sd_model"), hasattr(shared.opts, "CLIP_stop_at_last_layers")],
+}))
+"""
+
+
+def _is_forge(webui: Path) -> bool:
+    return (webui / "backend" / "diffusion_engine").is_dir()
+
+
 def test_real_webui_has_the_host_surface_we_use():
     webui = Path(WEBUI)
     python = os.environ.get("SD_WEBUI_PYTHON") or next(
@@ -122,9 +185,10 @@ def test_real_webui_has_the_host_surface_we_use():
         sys.executable,
     )
     env = {**os.environ, "IGNORE_CMD_ARGS_ERRORS": "1", "HF_HUB_OFFLINE": "1"}
-    script = CHECK.replace("EXTENSION_ROOT", repr(str(ROOT)))
+    script = (FORGE_CHECK if _is_forge(webui) else CHECK).replace("EXTENSION_ROOT", repr(str(ROOT)))
     done = subprocess.run([python, "-c", script], cwd=webui, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
     report = json.loads(done.stdout.strip().splitlines()[-1])
     failed = {k: v for k, v in report.items() if v is False or (isinstance(v, list) and not all(v))}
-    assert failed == {}, f"the WebUI lacks names host.py uses: {failed}"
+    glue = "forge_host.py / models/forge.py" if _is_forge(webui) else "host.py"
+    assert failed == {}, f"the WebUI lacks names {glue} uses: {failed}"

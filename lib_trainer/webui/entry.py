@@ -81,7 +81,9 @@ def on_ui_tabs():
     """The Trainer tab."""
     from lib_trainer.webui.ui import create_tab
 
-    tab = create_tab(manager(), ACTIONS, host.model_label, host.sampler_names(), host.native_resolution)
+    tab = create_tab(
+        manager(), ACTIONS, host.model_label, host.sampler_names(), host.native_resolution, host.unavailable_methods()
+    )
     return [(tab, "Trainer", "trainer")]
 
 

@@ -106,6 +106,11 @@ def model_label() -> str:
     return f"Forge {family} ({kind}) - {name}; hypernetworks have no effect in Forge main"
 
 
+def unavailable_methods() -> dict[str, str]:
+    """Methods Forge cannot run, with why (shown on their tabs)."""
+    return dict(REFUSED)
+
+
 def check_method(method: str) -> None:
     """Refuse the methods Forge cannot use, naming why (ConfigError on ``method``)."""
     if method in REFUSED:

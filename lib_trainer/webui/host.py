@@ -192,6 +192,11 @@ def check_method(method: str) -> None:
     """Every method runs in the A1111 WebUI (Forge's host refuses some)."""
 
 
+def unavailable_methods() -> dict[str, str]:
+    """Methods this host cannot run, with why (shown on their tabs): none here."""
+    return {}
+
+
 def model_parts(clip_skip: int | None = None) -> ModelParts:
     """ModelParts over the loaded ``shared.sd_model``; refuses what cannot be trained with a clear message."""
     model = shared.sd_model

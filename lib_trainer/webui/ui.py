@@ -188,10 +188,13 @@ def create_tab(
     model_label: Callable[[], str],
     samplers: list[str],
     model_side: Callable[[], int] = lambda: 512,
+    unavailable: dict[str, str] | None = None,
 ) -> gr.Blocks:
     """Build the Trainer tab's Blocks. ``actions``: "embedding"/"hypernetwork" create files, "report" checks data,
     "open_folder" opens a folder on the WebUI's machine, "logs" is the trainer's folder (presets, exported jobs);
-    ``model_side``: the loaded model's training side, which the size controls and presets start at."""
+    ``model_side``: the loaded model's training side, which the size controls and presets start at;
+    ``unavailable``: methods the host cannot run, with why (a notice on their tab; submitting them is refused)."""
+    unavailable = unavailable or {}
     with gr.Blocks(analytics_enabled=False) as tab, gr.Column(elem_id="trainer_root"):
         model_info = gr.Markdown(elem_id="trainer_model_info")
         job_id = gr.Textbox(visible=False, elem_id="trainer_job_id")
@@ -205,6 +208,12 @@ def create_tab(
                 with gr.Tabs(elem_id="trainer_tabs") as method_tabs:
                     for method, title, _, note in METHOD_TABS:
                         with gr.Tab(title, id=method, elem_id=f"trainer_tab_{method}") as tabs[method]:
+                            if method in unavailable:
+                                gr.Markdown(
+                                    f"**Not available here:** {unavailable[method]}.",
+                                    elem_id=f"trainer_{method}_unavailable",
+                                    elem_classes=["trainer-unavailable"],
+                                )
                             if note:
                                 gr.Markdown(note)
                             forms[method] = _method_controls(method, samplers)
