@@ -210,7 +210,7 @@ def create_tab(
                         with gr.Tab(title, id=method, elem_id=f"trainer_tab_{method}") as tabs[method]:
                             if method in unavailable:
                                 gr.Markdown(
-                                    f"**Not available here:** {unavailable[method]}.",
+                                    f"**Not available here:** {html.escape(unavailable[method])}.",
                                     elem_id=f"trainer_{method}_unavailable",
                                     elem_classes=["trainer-unavailable"],
                                 )
