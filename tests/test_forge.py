@@ -226,6 +226,9 @@ def test_lora_previews_on_forge_render_the_current_network_through_forges_loader
         assert not list(Path(done.summary()["saved"][0]["path"]).parents[1].glob("previews/*.safetensors"))
         assert len(list(Path(done.summary()["saved"][0]["path"]).parents[1].glob("previews/*.png"))) == 2
         assert fake.engine.current_lora_hash == "[]"  # the user's LoRAs are applied again at the next generation
+        after = fake.engine.forge_objects_after_applying_lora  # and nothing patched for a preview is kept
+        assert vars(after) == vars(fake.engine.forge_objects_original)
+        assert after is not fake.engine.forge_objects_original
     finally:
         _close(fake)
 

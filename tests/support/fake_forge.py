@@ -145,12 +145,20 @@ class EmbeddingDatabase:
         self.registered[name] = embedding
 
 
+class ForgeObjects(types.SimpleNamespace):
+    """``backend.diffusion_engine.base.ForgeObjects``: unet, clip, vae; ``shallow_copy`` as processing uses it."""
+
+    def shallow_copy(self):
+        return ForgeObjects(**vars(self))
+
+
 class Engine:
     """``backend.diffusion_engine.sd15.StableDiffusion`` as forge_host reads it."""
 
     def __init__(self, objects, text_engine, name: str):
         self.forge_objects = objects
-        self.forge_objects_original = copy.copy(objects)
+        self.forge_objects_original = objects.shallow_copy()
+        self.forge_objects_after_applying_lora = objects.shallow_copy()
         self.text_processing_engine = text_engine
         self.is_sd1, self.is_sd2, self.is_sdxl, self.is_inpaint = True, False, False, False
         self.cond_stage_model = self.first_stage_model = None
@@ -182,7 +190,7 @@ def build_engine(ldm_model: nn.Module, name: str = "tiny-sd1") -> Engine:
     kmodel = types.SimpleNamespace(
         diffusion_model=unet, predictor=predictor, storage_dtype=torch.float32, computation_dtype=torch.float32
     )
-    objects = types.SimpleNamespace(
+    objects = ForgeObjects(
         unet=types.SimpleNamespace(model=kmodel),
         clip=types.SimpleNamespace(
             cond_stage_model=types.SimpleNamespace(clip_l=clip),
@@ -270,6 +278,9 @@ def _lora_extension(engine: Engine, fake) -> types.ModuleType:
             keys = _lora_keys_clip(objects.clip.cond_stage_model, _lora_keys_unet(objects.unet.model, {}))
             matched, unmatched = _load_lora(lora, keys)
             networks.applied.append({"name": name, "matched": len(matched), "unmatched": sorted(unmatched), "sd": lora})
+            patched = types.SimpleNamespace(model=objects.unet.model, patches=lora)  # a patched clone, as Forge's
+            engine.forge_objects_after_applying_lora = ForgeObjects(**{**vars(objects), "unet": patched})
+            engine.current_lora_hash = str([[entry.filename, 1.0, 1.0, False]])
         return render(p)
 
     processing.process_images = process_images
