@@ -105,8 +105,9 @@ class HeadlessHost:
     def allowed_roots(self) -> list[Path] | None:
         return None  # the user's own shell: any path they can read or write
 
-    def check_method(self, method: str) -> None:
-        """Every method's checks are the job's own (what needs txt2img is refused by them)."""
+    def unavailable_methods(self) -> dict[str, str]:
+        """None: every method's checks are the job's own (what needs txt2img is refused by them)."""
+        return {}
 
     def model_parts(self, clip_skip: int | None = None) -> ModelParts:
         loaded = self.loaded

@@ -33,7 +33,7 @@ from typing import Any
 from backend import memory_management
 from modules import sd_models, shared
 
-from lib_trainer.errors import ConfigError, UnsupportedModelError
+from lib_trainer.errors import UnsupportedModelError
 from lib_trainer.models.forge import family_of, parts_from_forge
 from lib_trainer.models.parts import ModelParts
 from lib_trainer.webui import host as a1111
@@ -107,14 +107,8 @@ def model_label() -> str:
 
 
 def unavailable_methods() -> dict[str, str]:
-    """Methods Forge cannot run, with why (shown on their tabs)."""
+    """Methods Forge cannot run, with why (shown on their tabs, refused at submit on ``method``)."""
     return dict(REFUSED)
-
-
-def check_method(method: str) -> None:
-    """Refuse the methods Forge cannot use, naming why (ConfigError on ``method``)."""
-    if method in REFUSED:
-        raise ConfigError(f"method {method!r} is not available in Forge: {REFUSED[method]}", field="method")
 
 
 def model_parts(clip_skip: int | None = None) -> ModelParts:

@@ -188,12 +188,8 @@ def model_label() -> str:
     return f"{family} ({getattr(model, 'parameterization', '?')}-prediction) - {name}{skip}"
 
 
-def check_method(method: str) -> None:
-    """Every method runs in the A1111 WebUI (Forge's host refuses some)."""
-
-
 def unavailable_methods() -> dict[str, str]:
-    """Methods this host cannot run, with why (shown on their tabs): none here."""
+    """Methods this host cannot run, with why (shown on their tabs, refused at submit): none here."""
     return {}
 
 

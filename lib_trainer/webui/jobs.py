@@ -344,7 +344,9 @@ class JobManager:
             raise ConfigError(f"method is missing; give one of {', '.join(METHODS)}", field="method")
         if not isinstance(method, str) or method not in METHODS:
             raise ConfigError(f"method {method!r} is unknown; valid methods: {', '.join(METHODS)}", field="method")
-        self.host.check_method(method)
+        unavailable = self.host.unavailable_methods()
+        if method in unavailable:
+            raise ConfigError(f"method {method!r} is not available here: {unavailable[method]}", field="method")
         spec = METHODS[method]
         if spec.module is not None:
             config = self._with_model_sizes(config)
